@@ -1,0 +1,1 @@
+"""kvpn: a pure-Python developer VPN for Kubernetes."""

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,14}[a-z0-9])?$")
+NETNS_PREFIX_BASE_RE = re.compile(r"^[a-z0-9]{1,15}-$")
 
 # The link between the laptop and the node: a /30 outside the usual cluster ranges.
 LINK_NETWORK = ipaddress.IPv4Network("172.31.255.0/30")
@@ -35,11 +36,19 @@ class SandboxConfig:
     apiserver_port: int = APISERVER_PORT
     cluster_domain: str = "cluster.local"
     state_root: Path = STATE_ROOT
+    # Every network namespace and /etc/netns folder of the sandbox starts with this + name + "-".
+    # Tests use "kvpnt-" so that their namespaces can never be mistaken for a real sandbox's.
+    netns_prefix_base: str = NETNS_PREFIX
 
     def __post_init__(self) -> None:
         if not NAME_RE.match(self.name):
             raise ValueError(
                 f"invalid sandbox name {self.name!r}: use 1-16 lowercase letters, digits or '-'"
+            )
+        if not NETNS_PREFIX_BASE_RE.match(self.netns_prefix_base):
+            raise ValueError(
+                f"invalid netns prefix base {self.netns_prefix_base!r}: "
+                "use 1-15 lowercase letters or digits followed by '-'"
             )
         if self.pod_cidr.overlaps(self.service_cidr):
             raise ValueError(f"pod CIDR {self.pod_cidr} overlaps service CIDR {self.service_cidr}")
@@ -55,7 +64,7 @@ class SandboxConfig:
 
     @property
     def netns_prefix(self) -> str:
-        return f"{NETNS_PREFIX}{self.name}-"
+        return f"{self.netns_prefix_base}{self.name}-"
 
     @property
     def node_netns(self) -> str:
@@ -89,6 +98,15 @@ class SandboxConfig:
     @property
     def dns_service_ip(self) -> ipaddress.IPv4Address:
         return self.service_cidr.network_address + 10
+
+    @property
+    def node_name(self) -> str:
+        return f"{self.name}-control-plane"
+
+    @property
+    def node_address(self) -> ipaddress.IPv4Address:
+        """The node's InternalIP, also the IP of hostNetwork pods."""
+        return NODE_LINK_ADDRESS
 
     @property
     def apiserver_url(self) -> str:

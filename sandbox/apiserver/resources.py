@@ -65,8 +65,12 @@ CONFIGMAPS = _core("configmaps", "ConfigMap", short_names=("cm",))
 SECRETS = _core("secrets", "Secret")
 SERVICEACCOUNTS = _core("serviceaccounts", "ServiceAccount", short_names=("sa",))
 EVENTS = _core("events", "Event", short_names=("ev",))
-DEPLOYMENTS = _apps("deployments", "Deployment", short_names=("deploy",), subresources=("status", "scale"))
-REPLICASETS = _apps("replicasets", "ReplicaSet", short_names=("rs",), subresources=("status", "scale"))
+DEPLOYMENTS = _apps(
+    "deployments", "Deployment", short_names=("deploy",), subresources=("status", "scale")
+)
+REPLICASETS = _apps(
+    "replicasets", "ReplicaSet", short_names=("rs",), subresources=("status", "scale")
+)
 
 ALL: tuple[ResourceType, ...] = (
     NAMESPACES,

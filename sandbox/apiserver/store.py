@@ -228,7 +228,7 @@ class Store:
             prefix = meta.get("generateName")
             if not prefix:
                 raise Invalid(
-                    f"{rt.kind} in version \"{rt.version}\" cannot be handled as a {rt.kind}: "
+                    f'{rt.kind} in version "{rt.version}" cannot be handled as a {rt.kind}: '
                     "name or generateName is required"
                 )
             for _ in range(100):

@@ -1,0 +1,124 @@
+"""The ``kvpn`` command line (also installed as ``kubectl-kvpn`` for ``kubectl kvpn ...``).
+
+Commands are thin: parse options, call one library function, render the result. Errors the
+user can fix are printed as one line and exit non-zero; tracebacks are for bugs only.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import NoReturn
+
+import typer
+
+from kvpn.cli.errors import UserError
+
+app = typer.Typer(
+    name="kvpn",
+    help="A developer VPN for Kubernetes: reach the cluster from your laptop, and route "
+    "cluster traffic to your laptop.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Commands whose issue has not landed yet: they say so and exit non-zero, never pretend.
+NOT_BUILT: dict[str, str] = {
+    "exchange": "issue 6",
+    "preview": "issue 6",
+    "mesh": "issue 7",
+    "routes": "issue 5",
+    "status": "issue 9",
+    "clean": "issue 9",
+}
+
+
+def _not_built(command: str) -> NoReturn:
+    typer.echo(
+        f"kvpn {command}: not built yet ({NOT_BUILT[command]}); nothing was changed.", err=True
+    )
+    raise typer.Exit(code=3)
+
+
+@app.command("connect")
+def connect(
+    kubeconfig: str = typer.Option(None, "--kubeconfig", help="Path of the kubeconfig file."),
+    context: str = typer.Option(None, "--context", help="Kubeconfig context to use."),
+    namespace: str = typer.Option(
+        None, "--namespace", "-n", help="Namespace of the shadow pod (default: the context's)."
+    ),
+    image: str = typer.Option(None, "--image", help="Shadow pod image."),
+    transport: str = typer.Option(
+        "portforward", "--transport", help="portforward (through the API server) or direct."
+    ),
+) -> None:
+    """Connect this machine to the cluster: pod and service IPs become reachable."""
+    from kvpn.cli.connect_command import run_connect
+
+    run_connect(
+        kubeconfig=kubeconfig,
+        context=context,
+        namespace=namespace,
+        image=image,
+        transport=transport,
+    )
+
+
+# `kvpn up` is the same command as `kvpn connect`.
+app.command("up", help="Alias of connect.")(connect)
+
+
+@app.command("exchange")
+def exchange(
+    service: str = typer.Argument(..., help="Service (or deployment/NAME) to take over."),
+    expose: str = typer.Option(..., "--expose", help="LOCAL[:REMOTE][,...] ports."),
+) -> None:
+    """Send all of a service's traffic to a local port (restored on exit)."""
+    _not_built("exchange")
+
+
+@app.command("mesh")
+def mesh(
+    service: str = typer.Argument(..., help="Service to share."),
+    expose: str = typer.Option(..., "--expose", help="LOCAL[:REMOTE][,...] ports."),
+    version_mark: str = typer.Option(None, "--version-mark", help="KEY:VALUE or VALUE."),
+) -> None:
+    """Send only requests carrying your header to a local port."""
+    _not_built("mesh")
+
+
+@app.command("preview")
+def preview(
+    name: str = typer.Argument(..., help="Name of the new Service."),
+    expose: str = typer.Option(..., "--expose", help="LOCAL[:REMOTE][,...] ports."),
+) -> None:
+    """Publish a local process as a new Service in the cluster."""
+    _not_built("preview")
+
+
+@app.command("routes")
+def routes() -> None:
+    """Show which addresses go to the cluster and why."""
+    _not_built("routes")
+
+
+@app.command("status")
+def status() -> None:
+    """Show kvpn sessions on this machine."""
+    _not_built("status")
+
+
+@app.command("clean")
+def clean() -> None:
+    """Undo everything left by kvpn sessions that died."""
+    _not_built("clean")
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as exc:
+        typer.echo(f"kvpn: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,8 +1,9 @@
-"""Run a block of Python code with the calling thread inside a named network namespace.
+"""Run Python code with the calling thread inside a named network namespace.
 
-Sockets keep the namespace they were created in, so a client made inside the block (the
-official kubernetes client, a websocket) goes on working after the block ends. Only the calling
-thread moves: ``setns(2)`` is per thread.
+``setns(2)`` moves only the calling thread; threads it starts afterwards inherit its namespace.
+Sockets keep the namespace they were created in - but note that clients which connect lazily
+(urllib3 pools, as used by the official kubernetes client) open their sockets at the first
+request, so such a client must also be *used* inside the namespace, not just created there.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 CLONE_NEWNET = 0x40000000
 
@@ -22,9 +23,8 @@ def _setns(fd: int) -> None:
         raise OSError(err, f"setns: {os.strerror(err)}")
 
 
-@contextlib.contextmanager
-def inside_netns(name: str) -> Iterator[None]:
-    """Move the calling thread into ``/run/netns/<name>`` for the duration of the block."""
+def enter_netns(name: str) -> Callable[[], None]:
+    """Move the calling thread into ``/run/netns/<name>``; return a function that moves it back."""
     own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     try:
         target = os.open(f"/run/netns/{name}", os.O_RDONLY)
@@ -32,9 +32,24 @@ def inside_netns(name: str) -> Iterator[None]:
             _setns(target)
         finally:
             os.close(target)
-        try:
-            yield
-        finally:
-            _setns(own)
-    finally:
+    except BaseException:
         os.close(own)
+        raise
+
+    def restore() -> None:
+        try:
+            _setns(own)
+        finally:
+            os.close(own)
+
+    return restore
+
+
+@contextlib.contextmanager
+def inside_netns(name: str) -> Iterator[None]:
+    """Move the calling thread into ``/run/netns/<name>`` for the duration of the block."""
+    restore = enter_netns(name)
+    try:
+        yield
+    finally:
+        restore()

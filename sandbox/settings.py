@@ -20,6 +20,7 @@ def dump_settings(config: SandboxConfig, token: str) -> dict[str, Any]:
         "apiserver_port": config.apiserver_port,
         "cluster_domain": config.cluster_domain,
         "state_root": str(config.state_root),
+        "netns_prefix_base": config.netns_prefix_base,
         "token": token,
     }
 
@@ -33,6 +34,7 @@ def load_settings(data: dict[str, Any]) -> tuple[SandboxConfig, str]:
         apiserver_port=int(data["apiserver_port"]),
         cluster_domain=data["cluster_domain"],
         state_root=Path(data["state_root"]),
+        netns_prefix_base=data.get("netns_prefix_base", "kvpn-"),
     )
     return config, str(data["token"])
 

@@ -19,6 +19,7 @@ mutate stored state by accident. There is no module-level state; a control plane
 from __future__ import annotations
 
 import asyncio
+import builtins
 import collections
 import copy
 import datetime as _dt
@@ -312,7 +313,7 @@ class Store:
 
     # -- watch -----------------------------------------------------------------------------
 
-    def events_since(self, revision: int) -> list[WatchEvent]:
+    def events_since(self, revision: int) -> builtins.list[WatchEvent]:
         """Logged events with a revision greater than ``revision``; Gone if compacted away."""
         if revision < self._compacted:
             raise Gone(f"too old resource version: {revision} ({self._compacted})")

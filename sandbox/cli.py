@@ -95,7 +95,9 @@ def get(
     if not lifecycle.is_running(config):
         raise _CliError(f"sandbox {name!r} is not running")
     with inside_netns(config.laptop_netns):
-        api_client = kube_config.new_client_from_config(str(config.kubeconfig_path))
+        api_client = kube_config.new_client_from_config(  # type: ignore[no-untyped-call]
+            str(config.kubeconfig_path)
+        )
         try:
             text = listing.table(api_client, resource, None if all_namespaces else namespace)
         except ValueError as exc:

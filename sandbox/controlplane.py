@@ -37,6 +37,8 @@ from sandbox.settings import load_settings
 log = logging.getLogger("sandbox.controlplane")
 
 READY_TIMEOUT_S = 90.0
+# Events a watch can resume from, like a real API server's watch cache: older -> 410 Gone.
+WATCH_HISTORY = 1000
 
 
 def bootstrap(api: Api, config: SandboxConfig) -> None:
@@ -74,7 +76,7 @@ async def _wait_available(api: Api, deadline: float) -> str | None:
 
 async def run(config: SandboxConfig, token: str) -> int:
     state_dir = config.state_dir
-    store = Store()
+    store = Store(history=WATCH_HISTORY)
     api = Api(store, config)
     bootstrap(api, config)
 

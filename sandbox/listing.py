@@ -22,8 +22,8 @@ def _age(ts: _dt.datetime | None) -> str:
     return f"{seconds // 3600}h"
 
 
-def _pods(core: client.CoreV1Api, ns: str | None) -> tuple[Row, list[Row]]:
-    items = (
+def _pods(core: Any, ns: str | None) -> tuple[Row, list[Row]]:
+    items: list[Any] = (
         core.list_pod_for_all_namespaces() if ns is None else core.list_namespaced_pod(ns)
     ).items
     rows = []
@@ -45,8 +45,8 @@ def _pods(core: client.CoreV1Api, ns: str | None) -> tuple[Row, list[Row]]:
     return ["NAMESPACE", "NAME", "READY", "STATUS", "RESTARTS", "IP", "AGE"], rows
 
 
-def _services(core: client.CoreV1Api, ns: str | None) -> tuple[Row, list[Row]]:
-    items = (
+def _services(core: Any, ns: str | None) -> tuple[Row, list[Row]]:
+    items: list[Any] = (
         core.list_service_for_all_namespaces() if ns is None else core.list_namespaced_service(ns)
     ).items
     rows = []
@@ -65,8 +65,8 @@ def _services(core: client.CoreV1Api, ns: str | None) -> tuple[Row, list[Row]]:
     return ["NAMESPACE", "NAME", "TYPE", "CLUSTER-IP", "PORT(S)", "AGE"], rows
 
 
-def _deployments(apps: client.AppsV1Api, ns: str | None) -> tuple[Row, list[Row]]:
-    items = (
+def _deployments(apps: Any, ns: str | None) -> tuple[Row, list[Row]]:
+    items: list[Any] = (
         apps.list_deployment_for_all_namespaces()
         if ns is None
         else apps.list_namespaced_deployment(ns)
@@ -87,8 +87,8 @@ def _deployments(apps: client.AppsV1Api, ns: str | None) -> tuple[Row, list[Row]
     return ["NAMESPACE", "NAME", "READY", "UP-TO-DATE", "AVAILABLE", "AGE"], rows
 
 
-def _endpoints(core: client.CoreV1Api, ns: str | None) -> tuple[Row, list[Row]]:
-    items = (
+def _endpoints(core: Any, ns: str | None) -> tuple[Row, list[Row]]:
+    items: list[Any] = (
         core.list_endpoints_for_all_namespaces()
         if ns is None
         else core.list_namespaced_endpoints(ns)
@@ -96,7 +96,7 @@ def _endpoints(core: client.CoreV1Api, ns: str | None) -> tuple[Row, list[Row]]:
     rows = []
     for e in items:
         eps = [
-            f"{a.ip}:{p.port}"
+            f"{a.ip}:{p.port}/{p.protocol}"
             for sub in e.subsets or []
             for a in sub.addresses or []
             for p in sub.ports or []
@@ -112,16 +112,17 @@ def _endpoints(core: client.CoreV1Api, ns: str | None) -> tuple[Row, list[Row]]:
     return ["NAMESPACE", "NAME", "ENDPOINTS", "AGE"], rows
 
 
-def _nodes(core: client.CoreV1Api, ns: str | None) -> tuple[Row, list[Row]]:
+def _nodes(core: Any, ns: str | None) -> tuple[Row, list[Row]]:
     rows = []
-    for n in core.list_node().items:
+    nodes: list[Any] = core.list_node().items
+    for n in nodes:
         ip = next((a.address for a in n.status.addresses or [] if a.type == "InternalIP"), "")
         rows.append(
             [
                 "",
                 n.metadata.name,
                 "Ready",
-                ",".join(n.spec.pod_cid_rs or []),
+                ",".join(n.spec.pod_cidrs or []),
                 ip,
                 _age(n.metadata.creation_timestamp),
             ]

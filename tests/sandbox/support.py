@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from kubernetes import client
 from kubernetes import config as kube_config
@@ -12,6 +14,11 @@ from kubernetes.stream import stream
 from sandbox.config import SandboxConfig
 from sandbox.inside_netns import inside_netns
 from sandbox.lifecycle import SandboxInfo
+
+
+def venv_bin(program: str) -> str:
+    """Full path of a console script installed beside the running interpreter."""
+    return str(Path(sys.executable).parent / program)
 
 
 @dataclass

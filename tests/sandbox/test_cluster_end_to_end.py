@@ -18,8 +18,9 @@ from kubernetes.stream import portforward
 
 from sandbox import lifecycle, network
 from sandbox.config import SandboxConfig
+from sandbox.controlplane import WATCH_HISTORY
 from sandbox.inside_netns import inside_netns
-from tests.sandbox.support import Cluster, exec_in_pod
+from tests.sandbox.support import Cluster, exec_in_pod, venv_bin
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 30.0, what: str = "") -> object:
@@ -58,7 +59,7 @@ def test_laptop_reaches_api_server_but_not_pods(cluster: Cluster, core: client.C
 
 def test_node_reports_pod_cidrs(core: client.CoreV1Api, cluster: Cluster) -> None:
     nodes = core.list_node().items
-    assert [n.spec.pod_cid_rs for n in nodes] == [[str(cluster.config.node_pod_cidr)]]
+    assert [n.spec.pod_cidrs for n in nodes] == [[str(cluster.config.node_pod_cidr)]]
 
 
 def test_system_services_exist(core: client.CoreV1Api, cluster: Cluster) -> None:
@@ -131,16 +132,11 @@ def test_three_patch_types(core: client.CoreV1Api) -> None:
         ports = sorted(p.port for p in core.read_namespaced_service(name, "default").spec.ports)
         assert ports == [80, 81]
         # JSON merge patch: a list is replaced as a whole; null deletes a key.
-        core.api_client.call_api(
-            f"/api/v1/namespaces/default/services/{name}",
-            "PATCH",
-            header_params={"Content-Type": "application/merge-patch+json"},
-            body={
-                "metadata": {"labels": {"a": None, "b": "2"}},
-                "spec": {"selector": {"app": "echo"}},
-            },
-            auth_settings=["BearerToken"],
-            _return_http_data_only=True,
+        core.patch_namespaced_service(
+            name,
+            "default",
+            {"metadata": {"labels": {"a": None, "b": "2"}}, "spec": {"selector": {"app": "echo"}}},
+            _content_type="application/merge-patch+json",
         )
         svc = core.read_namespaced_service(name, "default")
         assert svc.metadata.labels == {"b": "2"}
@@ -178,9 +174,18 @@ def test_watch_resumes_from_resource_version(core: client.CoreV1Api) -> None:
 
 
 def test_watch_too_old_is_gone(core: client.CoreV1Api) -> None:
+    """Like a real API server's watch cache, only the latest events can be resumed from."""
+    name = "churn-" + os.urandom(3).hex()
+    first = core.create_namespaced_config_map("default", {"metadata": {"name": name}})
+    for i in range(WATCH_HISTORY + 1):
+        core.patch_namespaced_config_map(name, "default", {"data": {"i": str(i)}})
+    core.delete_namespaced_config_map(name, "default")
     with pytest.raises(ApiException) as err:
         for _ in watch.Watch().stream(
-            core.list_namespaced_config_map, "default", resource_version="1", timeout_seconds=2
+            core.list_namespaced_config_map,
+            "default",
+            resource_version=first.metadata.resource_version,
+            timeout_seconds=2,
         ):
             pass
     assert err.value.status == 410
@@ -265,6 +270,12 @@ def _curl_from_pod(cluster: Cluster, pod: str, url: str) -> dict[str, object]:
     return json.loads(out)
 
 
+def _answering_pod(cluster: Cluster, pod: str, url: str) -> object:
+    """The pod that answered ``url`` from inside ``pod``, or None while nothing answers."""
+    out, _, code = exec_in_pod(cluster, "default", pod, ["curl", "-s", "-m", "2", url])
+    return json.loads(out)["pod"] if code == 0 else None
+
+
 def test_cluster_ip_and_selector_change(cluster: Cluster, core: client.CoreV1Api) -> None:
     pods = ready_pods(core, "default", "app=echo")
     client_pod = pods[0].metadata.name
@@ -286,10 +297,10 @@ def test_cluster_ip_and_selector_change(cluster: Cluster, core: client.CoreV1Api
     )
     try:
         url = f"http://{svc.spec.cluster_ip}/"
-        wait_for(lambda: _curl_from_pod(cluster, client_pod, url)["pod"] == first, what="first")
+        wait_for(lambda: _answering_pod(cluster, client_pod, url) == first, what="first")
         core.patch_namespaced_service(name, "default", {"spec": {"selector": {"pick": "second"}}})
         t0 = time.monotonic()
-        wait_for(lambda: _curl_from_pod(cluster, client_pod, url)["pod"] == second, what="re-point")
+        wait_for(lambda: _answering_pod(cluster, client_pod, url) == second, what="re-point")
         assert time.monotonic() - t0 < 5
     finally:
         core.delete_namespaced_service(name, "default")
@@ -360,7 +371,7 @@ def test_second_sandbox_runs_beside_and_down_leaves_nothing(cluster: Cluster) ->
     name = f"u{os.getpid() % 100000}"
     env = dict(os.environ)
     result = subprocess.run(
-        ["kvpn-sandbox", "up", "--name", name, "--apiserver-address", "10.96.0.50"],
+        [venv_bin("kvpn-sandbox"), "up", "--name", name, "--apiserver-address", "10.96.0.50"],
         capture_output=True,
         text=True,
         timeout=180,
@@ -385,7 +396,7 @@ def test_second_sandbox_runs_beside_and_down_leaves_nothing(cluster: Cluster) ->
             s.close()
     finally:
         down = subprocess.run(
-            ["kvpn-sandbox", "down", "--name", name],
+            [venv_bin("kvpn-sandbox"), "down", "--name", name],
             capture_output=True,
             text=True,
             timeout=60,

@@ -18,7 +18,7 @@ import pytest
 from kubernetes import client
 
 from sandbox.inside_netns import inside_netns
-from tests.sandbox.support import Cluster
+from tests.sandbox.support import Cluster, venv_bin
 
 TARGETS_SCRIPT = r"""
 import hashlib, socket, threading
@@ -87,7 +87,7 @@ def connected(cluster: Cluster, core: client.CoreV1Api) -> Iterator[subprocess.P
             "netns",
             "exec",
             cluster.config.laptop_netns,
-            "kvpn",
+            venv_bin("kvpn"),
             "connect",
             "--kubeconfig",
             str(cluster.config.kubeconfig_path),

@@ -1,4 +1,4 @@
-"""`kvpn connect`: wired to the data plane once it lands (issue 3)."""
+"""`kvpn connect`: thin wrapper around kvpn.connect_session."""
 
 from __future__ import annotations
 
@@ -12,5 +12,19 @@ def run_connect(
     namespace: str | None,
     image: str | None,
     transport: str,
+    offload: bool = True,
 ) -> None:
-    raise UserError("connect: not built yet (issue 3); nothing was changed.", exit_code=3)
+    from kvpn.connect_session import ConnectOptions, run_connect_blocking
+
+    code = run_connect_blocking(
+        ConnectOptions(
+            kubeconfig=kubeconfig,
+            context=context,
+            namespace=namespace,
+            image=image,
+            transport=transport,
+            offload=offload,
+        )
+    )
+    if code:
+        raise UserError("disconnected after an error", exit_code=code)

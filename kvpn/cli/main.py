@@ -51,8 +51,15 @@ def connect(
     transport: str = typer.Option(
         "portforward", "--transport", help="portforward (through the API server) or direct."
     ),
+    offload: bool = typer.Option(
+        True, "--offload/--no-offload", help="Use the TUN's TSO/checksum offload if available."
+    ),
 ) -> None:
-    """Connect this machine to the cluster: pod and service IPs become reachable."""
+    """Connect this machine to the cluster: pod and service IPs become reachable.
+
+    Runs in the foreground; Ctrl-C or SIGTERM removes the TUN device, its routes and the
+    shadow pod.
+    """
     from kvpn.cli.connect_command import run_connect
 
     run_connect(
@@ -61,6 +68,7 @@ def connect(
         namespace=namespace,
         image=image,
         transport=transport,
+        offload=offload,
     )
 
 

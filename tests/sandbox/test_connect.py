@@ -125,10 +125,10 @@ def connected(cluster: Cluster, core: client.CoreV1Api) -> Iterator[subprocess.P
         reader.join(5)
     assert proc.returncode == 0, "".join(output)
     # Nothing is left: no TUN device, no route through it, no shadow pod.
-    links = cluster.in_laptop(["ip", "-o", "link"]).stdout
-    assert "kvpn" not in links
+    tun_devices = cluster.in_laptop(["ip", "-o", "link", "show", "type", "tun"]).stdout
+    assert tun_devices == ""
     routes = cluster.in_laptop(["ip", "route"]).stdout
-    assert "kvpn" not in routes
+    assert "kvpn0" not in routes
     left = core.list_namespaced_pod(
         "default", label_selector="app.kubernetes.io/managed-by=kvpn"
     ).items

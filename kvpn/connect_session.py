@@ -1,0 +1,290 @@
+"""One ``kvpn connect`` session: shadow pod, SSH tunnel, data plane, and their undo.
+
+The steps run in order and each one that changes something registers its undo first, so a
+failure at any step, Ctrl-C or SIGTERM removes exactly what was made, newest first: the TUN
+device and its routes, the tunnel, the shadow pod, the session file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import getpass
+import ipaddress
+import json
+import logging
+import os
+import socket
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from kvpn.cli.errors import UserError
+from kvpn.cluster.shadow_pod import (
+    DEFAULT_SHADOW_IMAGE,
+    ShadowPodError,
+    ShadowPodPlan,
+    ShadowPodProgress,
+    create_shadow_pod,
+    delete_shadow_pod,
+    wait_shadow_ready,
+)
+from kvpn.dataplane import DataPlane, DataPlaneConfig
+from kvpn.routes.discovery import ClusterCidrs, discover, exclude
+from kvpn.tunnel.client import ShadowTunnel
+from kvpn.tunnel.errors import TunnelError
+from kvpn.tunnel.keys import new_session_key, public_key_text
+from kvpn.tunnel.transport import DirectTransport, PortForwardTransport, Transport
+
+log = logging.getLogger("kvpn.connect")
+
+STATE_DIR = Path("/run/kvpn")
+TRANSPORTS = ("portforward", "direct")
+CAP_NET_ADMIN = 12
+
+
+@dataclass(frozen=True)
+class ConnectOptions:
+    kubeconfig: str | None = None
+    context: str | None = None
+    namespace: str | None = None
+    image: str | None = None
+    transport: str = "portforward"
+    offload: bool = True
+    tun_name: str = "kvpn0"
+    state_dir: Path = STATE_DIR
+
+
+@dataclass
+class _Undo:
+    """Undo steps, run newest first; each one runs even if an earlier one failed."""
+
+    steps: list[tuple[str, Callable[[], Awaitable[object]]]] = field(default_factory=list)
+
+    def push(self, what: str, step: Callable[[], Awaitable[object]]) -> None:
+        self.steps.append((what, step))
+
+    async def run(self) -> list[str]:
+        problems = []
+        while self.steps:
+            what, step = self.steps.pop()
+            try:
+                await asyncio.shield(step())
+            except Exception as exc:
+                problems.append(f"{what}: {exc}")
+        return problems
+
+
+def has_net_admin() -> bool:
+    """True when this process may create TUN devices and change routes."""
+    if os.geteuid() == 0:
+        return True
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> CAP_NET_ADMIN & 1)
+    except OSError:
+        pass
+    return False
+
+
+def load_cluster(options: ConnectOptions) -> tuple[Any, str, str]:
+    """The client configuration, the namespace and the context name from the kubeconfig.
+
+    The namespace defaults to the context's own namespace, then ``default``.
+    """
+    from kubernetes import client
+    from kubernetes import config as kube_config
+    from kubernetes.config.config_exception import ConfigException
+
+    path = options.kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
+    path = os.path.expanduser(path.split(os.pathsep)[0])
+    if not os.path.exists(path):
+        raise UserError(f"kubeconfig {path} not found (use --kubeconfig or KUBECONFIG)")
+    try:
+        contexts, active = kube_config.list_kube_config_contexts(  # type: ignore[no-untyped-call]
+            config_file=path
+        )
+        chosen = active
+        if options.context is not None:
+            chosen = next((c for c in contexts if c["name"] == options.context), None)
+            if chosen is None:
+                names = ", ".join(c["name"] for c in contexts) or "none"
+                raise UserError(f"context {options.context!r} not in {path} (have: {names})")
+        configuration = client.Configuration()
+        kube_config.load_kube_config(  # type: ignore[no-untyped-call]
+            config_file=path, context=chosen["name"], client_configuration=configuration
+        )
+    except ConfigException as exc:
+        raise UserError(f"cannot use kubeconfig {path}: {exc}") from None
+    namespace = options.namespace or chosen["context"].get("namespace") or "default"
+    return configuration, namespace, chosen["name"]
+
+
+def apiserver_addresses(configuration: Any) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses of the API server, which must never be routed into the TUN."""
+    host = urlsplit(str(configuration.host)).hostname or ""
+    try:
+        infos = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise UserError(f"cannot resolve the API server {host!r}: {exc.strerror}") from None
+    return sorted({ipaddress.IPv4Address(info[4][0]) for info in infos})
+
+
+def plan_routes(
+    cidrs: ClusterCidrs, protected: list[ipaddress.IPv4Address]
+) -> list[ipaddress.IPv4Network]:
+    return exclude(cidrs.all, [ipaddress.IPv4Network(f"{a}/32") for a in protected])
+
+
+def _describe_progress(progress: ShadowPodProgress) -> str:
+    return f"shadow pod: {progress.describe()}"
+
+
+async def run_session(
+    options: ConnectOptions, out: Callable[[str], None], stop: asyncio.Event
+) -> int:
+    """Connect, print one line saying what is reachable, wait for ``stop``, undo everything."""
+    if options.transport not in TRANSPORTS:
+        raise UserError(f"--transport must be one of {', '.join(TRANSPORTS)}")
+    if not has_net_admin():
+        raise UserError("kvpn connect needs root or CAP_NET_ADMIN for its TUN device (try sudo)")
+    if not os.path.exists("/dev/net/tun"):
+        raise UserError("/dev/net/tun is missing: this kernel or container has no TUN support")
+
+    from kubernetes import client
+
+    configuration, namespace, context = load_cluster(options)
+    api = client.ApiClient(configuration)
+    core = client.CoreV1Api(api)
+    out(f"connecting to {configuration.host} (context {context}, namespace {namespace})")
+    protected = apiserver_addresses(configuration)
+    try:
+        cidrs = await asyncio.to_thread(discover, core, namespace)
+    except Exception as exc:
+        raise UserError(f"cannot reach the API server at {configuration.host}: {exc}") from None
+    if not cidrs.all:
+        raise UserError("could not find any pod or service CIDR in this cluster")
+
+    undo = _Undo()
+    exit_code = 0
+    try:
+        key = new_session_key()
+        plan = ShadowPodPlan.new(
+            namespace,
+            public_key_text(key),
+            user=getpass.getuser(),
+            image=options.image or DEFAULT_SHADOW_IMAGE,
+        )
+        undo.push(f"delete shadow pod {plan.name}", lambda: delete_shadow_pod(core, plan))
+        await create_shadow_pod(core, plan)
+        out(f"shadow pod {namespace}/{plan.name} created")
+        ready = await wait_shadow_ready(core, plan, lambda p: out(_describe_progress(p)))
+
+        transport: Transport
+        if options.transport == "direct":
+            peer = ipaddress.IPv4Address(ready.pod_ip)
+            protected.append(peer)
+            transport = DirectTransport(ready.pod_ip, plan.port)
+        else:
+            transport = PortForwardTransport(configuration, namespace, plan.name, plan.port)
+        tunnel = await ShadowTunnel.connect(transport, client_key=key, host_key=ready.host_key)
+        undo.push("close the SSH tunnel", tunnel.close)
+
+        routes = plan_routes(cidrs, protected)
+        dataplane = DataPlane(
+            tunnel,
+            DataPlaneConfig(
+                routes=tuple(routes),
+                tun_name=options.tun_name,
+                offload=options.offload,
+                protected_addresses=tuple(protected),
+            ),
+        )
+        undo.push(f"remove TUN {options.tun_name} and its routes", dataplane.stop)
+        await dataplane.start()
+
+        session_file = options.state_dir / "sessions" / f"{plan.session_id}.json"
+        undo.push("remove the session file", lambda: _remove(session_file))
+        _write_session_file(
+            session_file,
+            {
+                "pid": os.getpid(),
+                "session": plan.session_id,
+                "context": context,
+                "namespace": namespace,
+                "tun": options.tun_name,
+                "shadow_pod": plan.name,
+                "transport": options.transport,
+                "routes": {
+                    "installed": [str(r) for r in routes],
+                    "pod_cidrs": [str(c) for c in cidrs.pod_cidrs],
+                    "service_cidrs": [str(c) for c in cidrs.service_cidrs],
+                    "excluded": [str(a) for a in protected],
+                },
+            },
+        )
+        for note in cidrs.notes:
+            out(f"note: {note}")
+        out(
+            "connected: pods "
+            + (", ".join(map(str, cidrs.pod_cidrs)) or "none")
+            + " and services "
+            + (", ".join(map(str, cidrs.service_cidrs)) or "none")
+            + f" are reachable through {options.tun_name} (shadow {namespace}/{plan.name}, "
+            f"{options.transport}); Ctrl-C disconnects"
+        )
+        closed = asyncio.ensure_future(tunnel.wait_closed())
+        stopped = asyncio.ensure_future(stop.wait())
+        done, _ = await asyncio.wait({closed, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        for fut in (closed, stopped):
+            fut.cancel()
+        if closed in done and not stop.is_set():
+            out("the tunnel to the shadow pod closed; disconnecting")
+            exit_code = 1
+    except (ShadowPodError, TunnelError) as exc:
+        out(f"kvpn: {exc}")
+        exit_code = 1
+    finally:
+        out("disconnecting")
+        problems = await undo.run()
+        for problem in problems:
+            out(f"kvpn: could not undo: {problem}")
+        if problems:
+            exit_code = 1
+        api.close()  # type: ignore[no-untyped-call]
+    return exit_code
+
+
+async def _remove(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def _write_session_file(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path.parent.parent, 0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+
+
+def run_connect_blocking(options: ConnectOptions) -> int:
+    """Run a session until Ctrl-C or SIGTERM; the CLI's entry point."""
+    import signal
+
+    def out(line: str) -> None:
+        print(line, flush=True)
+
+    async def main() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        return await run_session(options, out, stop)
+
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="kvpn: %(message)s")
+    return asyncio.run(main())

@@ -1,8 +1,17 @@
-"""One ``kvpn connect`` session: shadow pod, SSH tunnel, data plane, and their undo.
+"""One ``kvpn connect`` session: shadow pod, SSH tunnel, data plane, DNS, and their undo.
 
 The steps run in order and each one that changes something registers its undo first, so a
-failure at any step, Ctrl-C or SIGTERM removes exactly what was made, newest first: the TUN
-device and its routes, the tunnel, the shadow pod, the session file.
+failure at any step, Ctrl-C or SIGTERM removes exactly what was made, newest first: the
+system's DNS configuration, the resolver, the TUN device and its routes, the tunnel, the
+shadow pod, the session file.
+
+DNS (issue 4, :mod:`kvpn.dns`): a DNS change left by a crashed session is undone before
+anything else (:func:`kvpn.dns.session.recover_leftover_dns`). Once the data plane is up, the
+resolver listens on the TUN address, port 53. Its cluster queries are plain sockets to the
+kube-dns ClusterIP: that address is in the service CIDR, already routed into the TUN, so they
+take the same path as any program's (the data plane's UDP flows and its TCP NAT), with no
+second relay to keep in step. Names that are not the cluster's go straight to the laptop's
+original name servers. The OS is then pointed at the resolver (``--dns-mode``).
 """
 
 from __future__ import annotations
@@ -14,10 +23,12 @@ import ipaddress
 import json
 import logging
 import os
+import shutil
 import socket
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -33,6 +44,32 @@ from kvpn.cluster.shadow_pod import (
     wait_shadow_ready,
 )
 from kvpn.dataplane import DataPlane, DataPlaneConfig
+from kvpn.dns.actions import UpstreamServer
+from kvpn.dns.exchange import tcp_exchange, udp_exchange
+from kvpn.dns.os_config import (
+    DNS_MODE_CHOICES,
+    DnsConfigError,
+    DnsMode,
+    apply_dns_plan,
+    choose_dns_mode,
+    plan_dns,
+    read_original_resolv_conf,
+)
+from kvpn.dns.server import DnsServer, start_dns_server
+from kvpn.dns.session import (
+    ClusterNamesRefresh,
+    DnsOwner,
+    DnsSetupError,
+    DnsStatus,
+    LeftoverKind,
+    claim_dns,
+    find_cluster_dns,
+    list_namespaces,
+    list_service_entries,
+    machine_dns_dir,
+    recover_leftover_dns,
+    restore_machine_dns,
+)
 from kvpn.routes.discovery import ClusterCidrs, discover, exclude
 from kvpn.tunnel.client import ShadowTunnel
 from kvpn.tunnel.errors import TunnelError
@@ -44,6 +81,10 @@ log = logging.getLogger("kvpn.connect")
 STATE_DIR = Path("/run/kvpn")
 TRANSPORTS = ("portforward", "direct")
 CAP_NET_ADMIN = 12
+DNS_OFF = "off"
+CONNECT_DNS_MODES = (*DNS_MODE_CHOICES, DNS_OFF)
+DNS_PORT = 53
+CLUSTER_QUERY_TIMEOUT = 2.0
 
 
 @dataclass(frozen=True)
@@ -56,6 +97,8 @@ class ConnectOptions:
     offload: bool = True
     tun_name: str = "kvpn0"
     state_dir: Path = STATE_DIR
+    dns_mode: str = "auto"  # one of CONNECT_DNS_MODES
+    cluster_domain: str = "cluster.local"
 
 
 @dataclass
@@ -154,6 +197,10 @@ async def run_session(
         raise UserError("kvpn connect needs root or CAP_NET_ADMIN for its TUN device (try sudo)")
     if not os.path.exists("/dev/net/tun"):
         raise UserError("/dev/net/tun is missing: this kernel or container has no TUN support")
+    if options.dns_mode not in CONNECT_DNS_MODES:
+        raise UserError(f"--dns-mode must be one of {', '.join(CONNECT_DNS_MODES)}")
+    recover_dns(options, out)
+    dns_mode = choose_connect_dns_mode(options)
 
     from kubernetes import client
 
@@ -195,17 +242,29 @@ async def run_session(
         undo.push("close the SSH tunnel", tunnel.close)
 
         routes = plan_routes(cidrs, protected)
-        dataplane = DataPlane(
-            tunnel,
-            DataPlaneConfig(
-                routes=tuple(routes),
-                tun_name=options.tun_name,
-                offload=options.offload,
-                protected_addresses=tuple(protected),
-            ),
+        dataplane_config = DataPlaneConfig(
+            routes=tuple(routes),
+            tun_name=options.tun_name,
+            offload=options.offload,
+            protected_addresses=tuple(protected),
         )
+        dataplane = DataPlane(tunnel, dataplane_config)
         undo.push(f"remove TUN {options.tun_name} and its routes", dataplane.stop)
         await dataplane.start()
+
+        dns = DnsStatus(DNS_OFF, reason="--dns-mode off")
+        if dns_mode is not None:
+            dns = await connect_dns(
+                undo,
+                out,
+                core,
+                options,
+                dns_mode,
+                namespace=namespace,
+                session=plan.session_id,
+                cidrs=cidrs,
+                listen=dataplane_config.tun_address,
+            )
 
         session_file = options.state_dir / "sessions" / f"{plan.session_id}.json"
         undo.push("remove the session file", lambda: _remove(session_file))
@@ -225,6 +284,7 @@ async def run_session(
                     "service_cidrs": [str(c) for c in cidrs.service_cidrs],
                     "excluded": [str(a) for a in protected],
                 },
+                "dns": dns.to_json(),
             },
         )
         for note in cidrs.notes:
@@ -235,7 +295,7 @@ async def run_session(
             + " and services "
             + (", ".join(map(str, cidrs.service_cidrs)) or "none")
             + f" are reachable through {options.tun_name} (shadow {namespace}/{plan.name}, "
-            f"{options.transport}); Ctrl-C disconnects"
+            f"{options.transport}); DNS: {dns.summary()}; Ctrl-C disconnects"
         )
         closed = asyncio.ensure_future(tunnel.wait_closed())
         stopped = asyncio.ensure_future(stop.wait())
@@ -257,6 +317,161 @@ async def run_session(
             exit_code = 1
         api.close()  # type: ignore[no-untyped-call]
     return exit_code
+
+
+def choose_connect_dns_mode(options: ConnectOptions) -> DnsMode | None:
+    """The OS integration to use (None: ``--dns-mode off``); refuses what cannot work here."""
+    if options.dns_mode == DNS_OFF:
+        return None
+    try:
+        mode = choose_dns_mode(options.dns_mode)
+    except DnsConfigError as exc:
+        raise UserError(str(exc)) from None
+    if mode == DnsMode.MACOS and sys.platform != "darwin":
+        raise UserError("--dns-mode macos works on macOS only")
+    if mode == DnsMode.RESOLVED and shutil.which("resolvectl") is None:
+        raise UserError("--dns-mode resolved needs systemd-resolved's resolvectl, not found")
+    return mode
+
+
+def recover_dns(options: ConnectOptions, out: Callable[[str], None]) -> None:
+    """Undo the DNS change of a crashed session; refuse to share DNS with a live one."""
+    leftover = recover_leftover_dns(machine_dns_dir(options.state_dir))
+    lines = leftover.describe()
+    if options.dns_mode != DNS_OFF:
+        if leftover.kind == LeftoverKind.LIVE_OWNER:
+            raise UserError(f"{lines[0]}; disconnect it first, or connect with --dns-mode off")
+        if leftover.kind == LeftoverKind.RESTORE_FAILED:
+            raise UserError("; ".join(lines))
+    for line in lines:
+        out(line if line.startswith("note: ") else f"kvpn: {line}")
+
+
+async def connect_dns(
+    undo: _Undo,
+    out: Callable[[str], None],
+    core: Any,
+    options: ConnectOptions,
+    mode: DnsMode,
+    *,
+    namespace: str,
+    session: str,
+    cidrs: ClusterCidrs,
+    listen: ipaddress.IPv4Address,
+) -> DnsStatus:
+    """Resolver on *listen*:53, cluster names kept current, the OS pointed at the resolver.
+
+    Each step registers its undo first. DNS problems do not end the session: the IPs stay
+    reachable, and the returned status says why DNS is off.
+    """
+    domain = options.cluster_domain.strip(".")
+    try:
+        cluster_dns = await find_cluster_dns(core, cidrs.service_cidrs, domain=domain)
+    except DnsSetupError as exc:
+        out(f"kvpn: {exc}; cluster names will not resolve")
+        return DnsStatus(DNS_OFF, reason="cluster DNS not found")
+    if cluster_dns.note:
+        out(f"note: {cluster_dns.note}")
+    try:
+        listing = await asyncio.to_thread(list_namespaces, core, namespace)
+    except Exception as exc:
+        out(f"kvpn: cannot list namespaces ({exc}); cluster names will not resolve")
+        return DnsStatus(DNS_OFF, reason="namespaces not readable")
+    if not listing.complete:
+        out(
+            f"note: cannot list namespaces ({listing.reason}): the short form `service.NS` is "
+            f"recognised for {', '.join(listing.names)} only; full names "
+            f"(service.NS.svc.{domain}) work for every namespace"
+        )
+    reverse_networks = (*cidrs.service_cidrs, *cidrs.pod_cidrs)
+    kube_dns = UpstreamServer(str(cluster_dns.address))
+    servers: list[DnsServer] = []
+    undo.push("stop the DNS resolver", lambda: _close_servers(servers))
+    try:
+        servers.append(
+            await start_dns_server(
+                listen_host=str(listen),
+                listen_port=DNS_PORT,
+                cluster_query=partial(udp_exchange, kube_dns, timeout=CLUSTER_QUERY_TIMEOUT),
+                cluster_query_tcp=partial(tcp_exchange, kube_dns, timeout=CLUSTER_QUERY_TIMEOUT),
+                upstreams=read_original_resolv_conf(mode).upstreams(),
+                namespace=namespace,
+                cluster_domain=domain,
+                namespaces=listing.names,
+                reverse_networks=reverse_networks,
+            )
+        )
+    except OSError as exc:
+        out(f"kvpn: cannot listen for DNS on {listen}:{DNS_PORT} ({exc}); DNS is off")
+        return DnsStatus(DNS_OFF, reason=f"port {DNS_PORT} unavailable")
+    journal = machine_dns_dir(options.state_dir)
+    refresh = ClusterNamesRefresh(
+        core,
+        servers[0].resolver,
+        namespace=namespace,
+        domain=domain,
+        reverse_networks=reverse_networks,
+        hosts_state_dir=journal if mode == DnsMode.HOSTS else None,
+    )
+    if mode == DnsMode.HOSTS:
+        refresh.hosts_entries = await asyncio.to_thread(
+            list_service_entries, core, namespace, domain
+        )
+    tasks: list[asyncio.Task[None]] = []
+    undo.push("stop refreshing cluster names", lambda: _cancel_tasks(tasks))
+    tasks.append(asyncio.ensure_future(refresh.run()))
+
+    dns_plan = plan_dns(
+        mode,
+        nameserver=str(listen),
+        port=DNS_PORT,
+        namespace=namespace,
+        cluster_domain=domain,
+        link=options.tun_name,
+        route_namespaces=[namespace],
+        reverse_networks=reverse_networks,
+        hosts_entries=refresh.hosts_entries,
+        session=session,
+    )
+    undo.push("restore the DNS configuration", lambda: _restore_dns(journal, out))
+    try:
+        claim_dns(journal, DnsOwner.this_process(session))
+        await asyncio.to_thread(apply_dns_plan, dns_plan, state_dir=journal)
+    except (DnsConfigError, OSError) as exc:
+        out(f"kvpn: DNS not configured: {exc}")
+        return DnsStatus(DNS_OFF, reason="the system's DNS could not be changed")
+    return DnsStatus(
+        mode.value,
+        resolver=f"{listen}:{DNS_PORT}",
+        cluster_dns=str(cluster_dns.address),
+        journal_dir=str(journal),
+    )
+
+
+async def _close_servers(servers: list[DnsServer]) -> None:
+    for server in servers:
+        await server.close()
+
+
+async def _cancel_tasks(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class DnsRestoreError(Exception):
+    pass
+
+
+async def _restore_dns(journal: Path, out: Callable[[str], None]) -> None:
+    report = await asyncio.to_thread(restore_machine_dns, journal)
+    if not report.ok:
+        raise DnsRestoreError(
+            "; ".join(report.notes) + f" (the originals are recorded in {journal})"
+        )
+    if report.mode is not None:
+        for note in report.notes:
+            out(f"note: {note}")
 
 
 async def _remove(path: Path) -> None:

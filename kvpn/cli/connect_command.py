@@ -13,6 +13,8 @@ def run_connect(
     image: str | None,
     transport: str,
     offload: bool = True,
+    dns_mode: str = "auto",
+    cluster_domain: str = "cluster.local",
 ) -> None:
     from kvpn.connect_session import ConnectOptions, run_connect_blocking
 
@@ -24,6 +26,8 @@ def run_connect(
             image=image,
             transport=transport,
             offload=offload,
+            dns_mode=dns_mode,
+            cluster_domain=cluster_domain,
         )
     )
     if code:

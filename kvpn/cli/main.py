@@ -54,11 +54,26 @@ def connect(
     offload: bool = typer.Option(
         True, "--offload/--no-offload", help="Use the TUN's TSO/checksum offload if available."
     ),
+    dns_mode: str = typer.Option(
+        "auto",
+        "--dns-mode",
+        help="How this machine is pointed at kvpn's resolver for cluster names: "
+        "resolved (systemd-resolved: DNS server and domains on the TUN link, no file "
+        "edited); resolv.conf (kvpn's nameserver and the pod search list written into "
+        "/etc/resolv.conf, the original restored byte for byte); hosts (the cluster's "
+        "services as a marked block in /etc/hosts, refreshed every 15 s); macos "
+        "(/etc/resolver/ files, macOS only); off (no DNS: IPs only); auto (default: "
+        "resolved where it manages /etc/resolv.conf, macos on macOS, else resolv.conf).",
+    ),
+    cluster_domain: str = typer.Option(
+        "cluster.local", "--cluster-domain", help="The cluster's DNS domain."
+    ),
 ) -> None:
-    """Connect this machine to the cluster: pod and service IPs become reachable.
+    """Connect this machine to the cluster: pod and service IPs and names become reachable.
 
-    Runs in the foreground; Ctrl-C or SIGTERM removes the TUN device, its routes and the
-    shadow pod.
+    Runs in the foreground. Ctrl-C or SIGTERM undoes everything:
+    DNS settings, TUN device, routes, shadow pod.
+    DNS settings left by a crashed session are restored by the next one.
     """
     from kvpn.cli.connect_command import run_connect
 
@@ -69,6 +84,8 @@ def connect(
         image=image,
         transport=transport,
         offload=offload,
+        dns_mode=dns_mode,
+        cluster_domain=cluster_domain,
     )
 
 

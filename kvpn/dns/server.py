@@ -27,6 +27,7 @@ import errno
 import ipaddress
 import itertools
 import logging
+import socket
 import struct
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -53,6 +54,7 @@ ClusterQuery = Callable[[bytes], Awaitable[bytes]]
 TCP_IDLE_TIMEOUT = 10.0
 TCP_EXCHANGE_TIMEOUT = 4.0
 MAX_TCP_CLIENTS = 64
+UDP_RECEIVE_BUFFER = 1 << 20
 BIND_ATTEMPTS = 8
 
 
@@ -138,6 +140,12 @@ class DnsServer:
             transport, _ = await self._loop.create_datagram_endpoint(
                 lambda: _UdpListener(self), local_addr=(host, port)
             )
+            # A burst of queries (a browser, a test flood) must not overflow the default
+            # ~200 KiB receive buffer and drop the next real query.
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RECEIVE_BUFFER)
             bound_port = transport.get_extra_info("sockname")[1]
             try:
                 self._tcp = await asyncio.start_server(self._serve_tcp, host, bound_port)

@@ -4,7 +4,9 @@ What it allows, and nothing else:
 
 * public-key auth with exactly the session key in ``KVPN_AUTHORIZED_KEY``;
 * ``direct-tcpip`` channels: the agent dials the destination itself with a timeout and
-  reports failures with a machine-readable reason (:mod:`kvpn.shadow.dial_errors`);
+  reports failures with a machine-readable reason (:mod:`kvpn.shadow.dial_errors`); the
+  socket is spliced to the channel by :mod:`kvpn.shadow.tcp_splice` (no early bytes lost,
+  RST carried both ways as described in :mod:`kvpn.shadow.channel_ending`);
 * one session subsystem, ``kvpn-datagrams`` (UDP and ICMP echo relay,
   :mod:`kvpn.shadow.datagram_relay`); shells, exec, PTYs, agent and X11 forwarding are refused;
 * ``tcpip-forward`` (remote port forwarding) for the intercept features.
@@ -26,11 +28,11 @@ from dataclasses import dataclass, field
 from typing import TextIO, cast
 
 import asyncssh
-from asyncssh.forward import SSHForwarder
 
 from kvpn.shadow.datagram_relay import DatagramRelay, DatagramSockets, RelayLimits
-from kvpn.shadow.dial_errors import DialFailure, classify_dial_error, format_reason
+from kvpn.shadow.dial_errors import DialFailure
 from kvpn.shadow.relay_codec import SUBSYSTEM_NAME
+from kvpn.shadow.tcp_splice import dial_destination
 
 logger = logging.getLogger(__name__)
 
@@ -101,21 +103,6 @@ def parse_authorized_key(text: str) -> asyncssh.SSHAuthorizedKeys:
     except (asyncssh.KeyImportError, ValueError) as exc:
         raise ConfigError(f"KVPN_AUTHORIZED_KEY is not an OpenSSH public key: {exc}") from None
     return asyncssh.import_authorized_keys(key.export_public_key().decode("ascii"))
-
-
-async def dial_forwarder(host: str, port: int, timeout: float) -> SSHForwarder:
-    """Connect to host:port for a direct-tcpip channel, classifying failures."""
-    loop = asyncio.get_running_loop()
-    try:
-        _, peer = await asyncio.wait_for(loop.create_connection(SSHForwarder, host, port), timeout)
-    except (OSError, TimeoutError) as exc:
-        failure = classify_dial_error(exc)
-        detail = str(exc) or f"no answer within {timeout:g}s"
-        logger.debug("dial %s:%d failed: %s (%s)", host, port, failure.value, detail)
-        raise asyncssh.ChannelOpenError(
-            asyncssh.OPEN_CONNECT_FAILED, format_reason(failure, detail)
-        ) from None
-    return SSHForwarder(peer)
 
 
 class _AgentSession(asyncssh.SSHServerSession[bytes]):
@@ -214,9 +201,14 @@ class _AgentServer(asyncssh.SSHServer):
         self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
     ) -> Awaitable[asyncssh.SSHTCPSession[bytes]]:
         # asyncssh accepts an awaitable session here and sends the channel-open
-        # confirmation or failure when it completes.
-        dial = dial_forwarder(dest_host, dest_port, self._config.dial_timeout)
+        # confirmation or failure when it completes (kvpn.shadow.tcp_splice).
+        dial = dial_destination(
+            dest_host, dest_port, self._config.dial_timeout, connection_closed=self._closed
+        )
         return cast(Awaitable[asyncssh.SSHTCPSession[bytes]], dial)
+
+    def _closed(self) -> bool:
+        return self._conn is None or self._conn.is_closed()
 
     def server_requested(self, listen_host: str, listen_port: int) -> bool:
         return True
@@ -342,7 +334,6 @@ __all__ = [
     "ConfigError",
     "DialFailure",
     "ShadowAgent",
-    "dial_forwarder",
     "main",
     "parse_authorized_key",
 ]

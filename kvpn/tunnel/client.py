@@ -6,7 +6,8 @@ offers two things to the data plane:
 
 * :meth:`ShadowTunnel.open_tcp` - one ``direct-tcpip`` channel per TCP connection, dialled
   by the agent. Failures come back as :class:`DialRefused` / :class:`DialUnreachable` /
-  :class:`DialTimeout` so the data plane can answer the app with RST or ICMP.
+  :class:`DialTimeout` so the data plane can answer the app with RST or ICMP; a reset of
+  an open connection comes back as :class:`StreamReset` (:mod:`kvpn.tunnel.tcp_channel`).
 * :meth:`ShadowTunnel.open_datagrams` - the ``kvpn-datagrams`` subsystem carrying UDP and
   ICMP echo (:mod:`kvpn.shadow.relay_codec`). Events are delivered to a callback.
 """
@@ -45,9 +46,11 @@ from kvpn.tunnel.errors import (
     DialTimeout,
     DialUnreachable,
     HostKeyMismatch,
+    StreamReset,
     TransportError,
     TunnelError,
 )
+from kvpn.tunnel.tcp_channel import TcpChannelWriter, open_tcp_channel
 from kvpn.tunnel.transport import Transport
 
 logger = logging.getLogger(__name__)
@@ -263,11 +266,14 @@ class ShadowTunnel:
 
     async def open_tcp(
         self, host: str, port: int, *, timeout: float = 5.0
-    ) -> tuple[asyncssh.SSHReader[bytes], asyncssh.SSHWriter[bytes]]:
-        """Dial host:port from the pod; raises a DialError subclass on failure."""
-        task = asyncio.ensure_future(
-            self._conn.open_connection(host, port, encoding=None)
-        )
+    ) -> tuple[asyncssh.SSHReader[bytes], TcpChannelWriter]:
+        """Dial host:port from the pod; raises a DialError subclass on failure.
+
+        The streams carry resets both ways (:mod:`kvpn.tunnel.tcp_channel`): a destination
+        RST raises :class:`StreamReset` from ``read()``/``drain()``; ``writer.close()``
+        before both EOFs (or ``writer.abort()``) resets the destination.
+        """
+        task = asyncio.ensure_future(open_tcp_channel(self._conn, host, port))
         try:
             reader, writer = await asyncio.wait_for(asyncio.shield(task), timeout)
         except TimeoutError:
@@ -322,6 +328,8 @@ __all__ = [
     "PingReply",
     "PingUnreachable",
     "ShadowTunnel",
+    "StreamReset",
+    "TcpChannelWriter",
     "TransportError",
     "TunnelError",
     "UdpReceived",

@@ -41,3 +41,8 @@ class DialUnreachable(DialError):
 
 class DialTimeout(DialError):
     """No answer within the connect timeout."""
+
+
+class StreamReset(ConnectionResetError):
+    """The far end of a TCP stream through the tunnel reset it (the agent closed the
+    channel without EOF: the destination sent RST, or the agent lost its socket)."""

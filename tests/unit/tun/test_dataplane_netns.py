@@ -482,16 +482,6 @@ def test_routing_loop_refused() -> None:
         asyncio.run(plane.start())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "shadow agent bug (kvpn/shadow/agent.py dial_forwarder): bytes the destination sends "
-        "before the direct-tcpip channel is confirmed are dropped by asyncssh's SSHForwarder "
-        "(its peer has no transport yet), so server-first protocols (SMTP, SSH, MySQL "
-        "banners) hang, most of 50 concurrent ones here; fix: pause reading on the dialled "
-        "socket until the channel's session_started, then flush"
-    ),
-)
 def test_server_first_protocol_over_real_ssh_tunnel(topology: Topology) -> None:
     client_key = asyncssh.generate_private_key("ssh-ed25519")
     with _agent_in(topology.cluster, client_key) as (port, host_key):

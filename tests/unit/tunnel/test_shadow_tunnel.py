@@ -209,10 +209,14 @@ async def test_client_timeout_closes_a_channel_that_opens_late(
     fake = _FakeDials(monkeypatch)
     loop = asyncio.get_running_loop()
     real = loop.create_connection
-    accepted: asyncio.Queue[bytes] = asyncio.Queue()
+    accepted: asyncio.Queue[str] = asyncio.Queue()
 
     async def on_accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await accepted.put(await reader.read())  # returns at EOF: the late channel was closed
+        try:
+            await reader.read()
+            await accepted.put("eof")
+        except ConnectionResetError:
+            await accepted.put("reset")  # the abandoned dial is reset, like an app that gave up
         writer.close()
 
     server = await asyncio.start_server(on_accept, "127.0.0.1", 0)
@@ -233,7 +237,7 @@ async def test_client_timeout_closes_a_channel_that_opens_late(
             with pytest.raises(DialTimeout):
                 await tunnel.open_tcp("192.0.2.3", 80, timeout=0.1)
             release.set()
-            assert await asyncio.wait_for(accepted.get(), 20) == b""
+            assert await asyncio.wait_for(accepted.get(), 20) == "reset"
             # the tunnel is still usable afterwards
             async with echo_server() as port:
                 reader, writer = await tunnel.open_tcp("127.0.0.1", port)

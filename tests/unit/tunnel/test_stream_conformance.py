@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -54,9 +55,17 @@ async def ssh_channel_pair() -> AsyncIterator[tuple[StreamEnd, StreamEnd]]:
         tunnel = await agent.connect()
         reader, writer = await tunnel.open_tcp("127.0.0.1", acceptor.port)
         far_reader, far_writer = await acceptor.next()
+        # A tunnel stream's orderly close is its EOF (TCP's close() sends FIN too); the
+        # agent closes the channel once both EOFs have passed. writer.close() before that
+        # is a reset (kvpn.shadow.channel_ending; tested in test_shadow_tunnel.py).
+        near = StreamEnd.from_streams("ssh-channel", reader, writer)
+
+        async def orderly_close() -> None:
+            writer.write_eof()
+
         try:
             yield (
-                StreamEnd.from_streams("ssh-channel", reader, writer),
+                dataclasses.replace(near, close=orderly_close),
                 StreamEnd.from_streams("destination", far_reader, far_writer),
             )
         finally:

@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import getpass
 import ipaddress
-import json
 import logging
 import os
 import shutil
@@ -70,7 +69,11 @@ from kvpn.dns.session import (
     recover_leftover_dns,
     restore_machine_dns,
 )
-from kvpn.routes.discovery import ClusterCidrs, discover, exclude
+from kvpn.routes.discovery import ClusterCidrs, discover
+from kvpn.routes.local_routes import read_local_routes_async
+from kvpn.routes.plan import RoutePlan, plan_routes
+from kvpn.routes.prefixes import parse_ipv4_cidr
+from kvpn.routes.session_file import write_session
 from kvpn.tunnel.client import ShadowTunnel
 from kvpn.tunnel.errors import TunnelError
 from kvpn.tunnel.keys import new_session_key, public_key_text
@@ -99,6 +102,9 @@ class ConnectOptions:
     state_dir: Path = STATE_DIR
     dns_mode: str = "auto"  # one of CONNECT_DNS_MODES
     cluster_domain: str = "cluster.local"
+    include_cidrs: tuple[str, ...] = ()
+    exclude_cidrs: tuple[str, ...] = ()
+    on_conflict: str = "keep"
 
 
 @dataclass
@@ -177,10 +183,39 @@ def apiserver_addresses(configuration: Any) -> list[ipaddress.IPv4Address]:
     return sorted({ipaddress.IPv4Address(info[4][0]) for info in infos})
 
 
-def plan_routes(
-    cidrs: ClusterCidrs, protected: list[ipaddress.IPv4Address]
-) -> list[ipaddress.IPv4Network]:
-    return exclude(cidrs.all, [ipaddress.IPv4Network(f"{a}/32") for a in protected])
+async def plan_session_routes(
+    options: ConnectOptions,
+    cidrs: ClusterCidrs,
+    apiserver: list[ipaddress.IPv4Address],
+    apiserver_name: str,
+    tunnel_peer: ipaddress.IPv4Address | None,
+) -> RoutePlan:
+    """The routes to install, from the cluster's CIDRs, the user's options and local routes."""
+    plan = plan_routes(
+        cidrs,
+        include_cidrs=[_cidr(c, "--include-cidr") for c in options.include_cidrs],
+        exclude_cidrs=[_cidr(c, "--exclude-cidr") for c in options.exclude_cidrs],
+        apiserver_addresses=apiserver,
+        tunnel_peer=tunnel_peer,
+        local_routes=await read_local_routes_async(skip_dev=options.tun_name),
+        on_conflict=options.on_conflict,
+        apiserver_name=apiserver_name,
+        tun=options.tun_name,
+        notes=cidrs.notes,
+    )
+    if plan.refused:
+        conflicts = "; ".join(c.describe() for c in plan.conflicts)
+        raise UserError(f"route conflicts and --on-conflict=fail: {conflicts}")
+    if not plan.installed:
+        raise UserError("nothing to route: every cluster CIDR is excluded (see kvpn routes)")
+    return plan
+
+
+def _cidr(text: str, option: str) -> ipaddress.IPv4Network:
+    try:
+        return parse_ipv4_cidr(text)
+    except ValueError as exc:
+        raise UserError(f"{option}: {exc}") from None
 
 
 def _describe_progress(progress: ShadowPodProgress) -> str:
@@ -215,6 +250,10 @@ async def run_session(
         raise UserError(f"cannot reach the API server at {configuration.host}: {exc}") from None
     if not cidrs.all:
         raise UserError("could not find any pod or service CIDR in this cluster")
+    apiserver_name = urlsplit(str(configuration.host)).hostname or ""
+    # Planned once before anything is created, so bad options or a refused conflict change
+    # nothing; planned again once the direct transport's peer is known.
+    route_plan = await plan_session_routes(options, cidrs, protected, apiserver_name, None)
 
     undo = _Undo()
     exit_code = 0
@@ -234,6 +273,7 @@ async def run_session(
         transport: Transport
         if options.transport == "direct":
             peer = ipaddress.IPv4Address(ready.pod_ip)
+            route_plan = await plan_session_routes(options, cidrs, protected, apiserver_name, peer)
             protected.append(peer)
             transport = DirectTransport(ready.pod_ip, plan.port)
         else:
@@ -241,9 +281,8 @@ async def run_session(
         tunnel = await ShadowTunnel.connect(transport, client_key=key, host_key=ready.host_key)
         undo.push("close the SSH tunnel", tunnel.close)
 
-        routes = plan_routes(cidrs, protected)
         dataplane_config = DataPlaneConfig(
-            routes=tuple(routes),
+            routes=route_plan.installed,
             tun_name=options.tun_name,
             offload=options.offload,
             protected_addresses=tuple(protected),
@@ -268,34 +307,34 @@ async def run_session(
 
         session_file = options.state_dir / "sessions" / f"{plan.session_id}.json"
         undo.push("remove the session file", lambda: _remove(session_file))
-        _write_session_file(
-            session_file,
-            {
-                "pid": os.getpid(),
+        write_session(
+            plan.session_id,
+            pid=os.getpid(),
+            tun=options.tun_name,
+            namespace=namespace,
+            context=context,
+            routes=route_plan,
+            directory=session_file.parent,
+            extra={
                 "session": plan.session_id,
-                "context": context,
-                "namespace": namespace,
-                "tun": options.tun_name,
                 "shadow_pod": plan.name,
                 "transport": options.transport,
-                "routes": {
-                    "installed": [str(r) for r in routes],
-                    "pod_cidrs": [str(c) for c in cidrs.pod_cidrs],
-                    "service_cidrs": [str(c) for c in cidrs.service_cidrs],
-                    "excluded": [str(a) for a in protected],
-                },
                 "dns": dns.to_json(),
             },
         )
-        for note in cidrs.notes:
+        for note in route_plan.notes:
             out(f"note: {note}")
+        for conflict in route_plan.conflicts:
+            out(f"note: {conflict.describe()}")
         out(
             "connected: pods "
             + (", ".join(map(str, cidrs.pod_cidrs)) or "none")
             + " and services "
             + (", ".join(map(str, cidrs.service_cidrs)) or "none")
             + f" are reachable through {options.tun_name} (shadow {namespace}/{plan.name}, "
-            f"{options.transport}); DNS: {dns.summary()}; Ctrl-C disconnects"
+            f"{options.transport}); "
+            + _exclusions_summary(route_plan)
+            + f"DNS: {dns.summary()}; Ctrl-C disconnects"
         )
         closed = asyncio.ensure_future(tunnel.wait_closed())
         stopped = asyncio.ensure_future(stop.wait())
@@ -474,17 +513,18 @@ async def _restore_dns(journal: Path, out: Callable[[str], None]) -> None:
             out(f"note: {note}")
 
 
+def _exclusions_summary(plan: RoutePlan) -> str:
+    if not plan.exclusions and not plan.conflicts:
+        return ""
+    return (
+        f"{len(plan.exclusions)} exclusion(s), {len(plan.conflicts)} conflict(s): "
+        "see `kvpn routes`; "
+    )
+
+
 async def _remove(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
-
-
-def _write_session_file(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(path.parent.parent, 0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
 
 
 def run_connect_blocking(options: ConnectOptions) -> int:

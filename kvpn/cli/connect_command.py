@@ -15,6 +15,9 @@ def run_connect(
     offload: bool = True,
     dns_mode: str = "auto",
     cluster_domain: str = "cluster.local",
+    include_cidrs: tuple[str, ...] = (),
+    exclude_cidrs: tuple[str, ...] = (),
+    on_conflict: str = "keep",
 ) -> None:
     from kvpn.connect_session import ConnectOptions, run_connect_blocking
 
@@ -28,6 +31,9 @@ def run_connect(
             offload=offload,
             dns_mode=dns_mode,
             cluster_domain=cluster_domain,
+            include_cidrs=include_cidrs,
+            exclude_cidrs=exclude_cidrs,
+            on_conflict=on_conflict,
         )
     )
     if code:

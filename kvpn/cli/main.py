@@ -7,7 +7,7 @@ user can fix are printed as one line and exit non-zero; tracebacks are for bugs 
 from __future__ import annotations
 
 import sys
-from typing import NoReturn
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -22,12 +22,20 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+CidrList = Annotated[
+    list[str] | None,
+    typer.Option("--include-cidr", help="Also route this CIDR through kvpn (repeatable)."),
+]
+ExcludeCidrList = Annotated[
+    list[str] | None,
+    typer.Option("--exclude-cidr", help="Never route this CIDR through kvpn (repeatable)."),
+]
+
 # Commands whose issue has not landed yet: they say so and exit non-zero, never pretend.
 NOT_BUILT: dict[str, str] = {
     "exchange": "issue 6",
     "preview": "issue 6",
     "mesh": "issue 7",
-    "routes": "issue 5",
     "status": "issue 9",
     "clean": "issue 9",
 }
@@ -68,6 +76,14 @@ def connect(
     cluster_domain: str = typer.Option(
         "cluster.local", "--cluster-domain", help="The cluster's DNS domain."
     ),
+    include_cidr: CidrList = None,
+    exclude_cidr: ExcludeCidrList = None,
+    on_conflict: str = typer.Option(
+        "keep",
+        "--on-conflict",
+        help="A local route overlapping a cluster CIDR: keep it (default), override it with "
+        "more specific routes, skip the whole cluster CIDR, or fail.",
+    ),
 ) -> None:
     """Connect this machine to the cluster: pod and service IPs and names become reachable.
 
@@ -86,6 +102,9 @@ def connect(
         offload=offload,
         dns_mode=dns_mode,
         cluster_domain=cluster_domain,
+        include_cidrs=tuple(include_cidr or ()),
+        exclude_cidrs=tuple(exclude_cidr or ()),
+        on_conflict=on_conflict,
     )
 
 
@@ -122,9 +141,39 @@ def preview(
 
 
 @app.command("routes")
-def routes() -> None:
-    """Show which addresses go to the cluster and why."""
-    _not_built("routes")
+def routes(
+    kubeconfig: str = typer.Option(None, "--kubeconfig", help="Path of the kubeconfig file."),
+    context: str = typer.Option(None, "--context", help="Kubeconfig context to use."),
+    namespace: str = typer.Option(
+        None, "--namespace", "-n", help="Namespace to discover from (default: the context's)."
+    ),
+    include_cidr: CidrList = None,
+    exclude_cidr: ExcludeCidrList = None,
+    on_conflict: str = typer.Option(
+        "keep",
+        "--on-conflict",
+        help="A local route overlapping a cluster CIDR: keep (default), override, skip or fail.",
+    ),
+    explain: str = typer.Option(
+        None, "--explain", help="An IP or a host name: say where it goes and why."
+    ),
+    output: str = typer.Option("text", "--output", "-o", help="text or json."),
+) -> None:
+    """Show which addresses go to the cluster and why (the live state while connected)."""
+    from kvpn.cli.routes_command import run_routes
+
+    raise typer.Exit(
+        run_routes(
+            kubeconfig=kubeconfig,
+            context=context,
+            namespace=namespace,
+            include_cidrs=include_cidr or [],
+            exclude_cidrs=exclude_cidr or [],
+            on_conflict=on_conflict,
+            explain=explain,
+            output=output,
+        )
+    )
 
 
 @app.command("status")

@@ -277,3 +277,24 @@ def test_two_hundred_concurrent_connections(
         s.setblocking(False)
     answers = asyncio.run(main())
     assert answers == [f"hello {i}\n".encode() for i in range(200)]
+
+
+def test_routes_explain_the_live_session(cluster: Cluster, targets: str, connected: object) -> None:
+    kubeconfig = str(cluster.config.kubeconfig_path)
+    result = cluster.in_laptop(
+        [venv_bin("kvpn"), "routes", "--kubeconfig", kubeconfig, "--output", "json"]
+    )
+    assert result.returncode == 0, result.stderr
+    live = json.loads(result.stdout)
+    text = json.dumps(live)
+    assert "10.244.0.0/24" in text and "10.96.0.0/12" in text
+    through = cluster.in_laptop(
+        [venv_bin("kvpn"), "routes", "--kubeconfig", kubeconfig, "--explain", targets]
+    )
+    assert through.returncode == 0, through.stderr
+    assert "kvpn0" in through.stdout
+    api = cluster.in_laptop(
+        [venv_bin("kvpn"), "routes", "--kubeconfig", kubeconfig, "--explain", "172.31.255.1"]
+    )
+    assert api.returncode == 0, api.stderr
+    assert "API server" in api.stdout or "api-server" in api.stdout

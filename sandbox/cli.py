@@ -45,6 +45,12 @@ def up(
     apiserver_address: str = typer.Option(
         str(NODE_LINK_ADDRESS), "--apiserver-address", help="Address of the API server."
     ),
+    laptop_routes_pods: bool = typer.Option(
+        False,
+        "--laptop-routes-pods",
+        help="Also route the pod CIDR from the laptop via the node (for benchmarks: direct "
+        "access to pods without kvpn). Services stay unreachable.",
+    ),
 ) -> None:
     """Start a sandbox cluster in the background; print KUBECONFIG, LAPTOP_NETNS, NODE_NETNS."""
     try:
@@ -56,6 +62,7 @@ def up(
         pod_cidr=_network(pod_cidr, "--pod-cidr"),
         service_cidr=_network(service_cidr, "--service-cidr"),
         apiserver_address=address,
+        laptop_routes_pods=laptop_routes_pods,
     )
     info = lifecycle.start(config)
     typer.echo(info.shell_lines(), nl=False)

@@ -39,6 +39,10 @@ class SandboxConfig:
     # Every network namespace and /etc/netns folder of the sandbox starts with this + name + "-".
     # Tests use "kvpnt-" so that their namespaces can never be mistaken for a real sandbox's.
     netns_prefix_base: str = NETNS_PREFIX
+    # Give the laptop a route to the pod CIDR via the node (off by default: reaching pods is
+    # kvpn's job). The benchmark uses it for its no-tunnel baseline and for reaching sshd and
+    # the shadow pod directly.
+    laptop_routes_pods: bool = False
 
     def __post_init__(self) -> None:
         if not NAME_RE.match(self.name):

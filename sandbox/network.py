@@ -10,7 +10,9 @@ One sandbox is a handful of named network namespaces (``/run/netns/<name>``), al
   the two "outside world" addresses on ``lo``, and runs the control plane process.
 * ``<prefix>laptop``: the developer's machine, joined to the node by the veth pair ``eth0`` /
   ``laptop0`` on 172.31.255.0/30. It has routes only to the API server and to the outside
-  addresses, never to pods or services: reaching those is kvpn's job.
+  addresses, never to pods or services: reaching those is kvpn's job. (Unless
+  ``config.laptop_routes_pods``: then the pod CIDR is routed via the node too, as the
+  benchmark's no-tunnel baseline needs; services still are not.)
 * ``<prefix>pod-<hex>``: one per pod, with ``eth0`` = ``<ip>/32`` and a default route via the
   pod gateway; the node side of the veth is ``v<10 hex>`` and carries the route ``<ip>/32``.
 
@@ -223,12 +225,18 @@ def node_lo_addresses(config: SandboxConfig) -> list[ipaddress.IPv4Address]:
 
 
 def laptop_routes(config: SandboxConfig) -> list[str]:
-    """The laptop's routes besides its link network, as ``ip route`` destinations."""
+    """The laptop's routes besides its link network, as ``ip route`` destinations.
+
+    With ``config.laptop_routes_pods`` the pod CIDR is routed via the node too (pods see the
+    laptop's own address, no NAT); the service CIDR never is.
+    """
     routes = []
     api = config.apiserver_address
     if api not in LINK_NETWORK and api not in OUTSIDE_NETWORK:
         routes.append(f"{api}/32")
     routes.append(str(OUTSIDE_NETWORK))
+    if config.laptop_routes_pods:
+        routes.append(str(config.pod_cidr))
     return routes
 
 

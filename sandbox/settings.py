@@ -21,6 +21,7 @@ def dump_settings(config: SandboxConfig, token: str) -> dict[str, Any]:
         "cluster_domain": config.cluster_domain,
         "state_root": str(config.state_root),
         "netns_prefix_base": config.netns_prefix_base,
+        "laptop_routes_pods": config.laptop_routes_pods,
         "token": token,
     }
 
@@ -35,6 +36,7 @@ def load_settings(data: dict[str, Any]) -> tuple[SandboxConfig, str]:
         cluster_domain=data["cluster_domain"],
         state_root=Path(data["state_root"]),
         netns_prefix_base=data.get("netns_prefix_base", "kvpn-"),
+        laptop_routes_pods=bool(data.get("laptop_routes_pods", False)),
     )
     return config, str(data["token"])
 

@@ -429,3 +429,35 @@ def test_destroy_kills_everything_and_spares_other_sandboxes() -> None:
         network.destroy_topology(config)
         network.destroy_topology(neighbour)
     assert network.list_netns(config.netns_prefix) == []
+
+
+# -- --laptop-routes-pods (the benchmark's no-tunnel baseline) ---------------------------------
+
+
+def test_laptop_routes_pods_reaches_pods_but_not_services() -> None:
+    config = make_config(unique_name(), laptop_routes_pods=True)
+    assert network.laptop_routes(config) == ["198.18.0.0/24", "10.244.0.0/16"]
+    assert network.laptop_routes(make_config("x")) == ["198.18.0.0/24"]  # the default
+    server: subprocess.Popen[str] | None = None
+    try:
+        network.create_topology(config)
+        pod = config.pod_netns("uid-a")
+        network.setup_pod_network(config, pod, POD_A, "default")
+        server = Topology(config, pod, pod, []).serve(pod, 8080, "A")
+        routes = {r["dst"]: r.get("gateway") for r in ip_json(config.laptop_netns, "route")}
+        assert routes == {
+            "10.244.0.0/16": "172.31.255.1",
+            "172.31.255.0/30": None,
+            "198.18.0.0/24": "172.31.255.1",
+        }
+        # Routed, not NATed: the pod sees the laptop's own address.
+        assert tcp_ask(config.laptop_netns, POD_A, 8080) == "A 172.31.255.2"
+        assert ping(config.laptop_netns, POD_A)
+        assert tcp_ask(config.laptop_netns, "10.96.0.1", 443) == "error OSError"
+    finally:
+        network.destroy_topology(config)
+        if server is not None:
+            server.wait(timeout=5)
+            if server.stdout is not None:
+                server.stdout.close()
+    assert network.list_netns(config.netns_prefix) == []

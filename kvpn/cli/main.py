@@ -6,6 +6,7 @@ user can fix are printed as one line and exit non-zero; tracebacks are for bugs 
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Annotated, NoReturn
 
@@ -189,8 +190,11 @@ def clean() -> None:
 
 
 def main() -> None:
+    # Run as a kubectl plugin (kubectl finds `kubectl-kvpn` on PATH), usage says `kubectl kvpn`.
+    invoked_as = os.path.basename(sys.argv[0]) if sys.argv else "kvpn"
+    prog_name = "kubectl kvpn" if invoked_as.startswith("kubectl-") else "kvpn"
     try:
-        app()
+        app(prog_name=prog_name)
     except UserError as exc:
         typer.echo(f"kvpn: {exc}", err=True)
         sys.exit(exc.exit_code)

@@ -73,6 +73,9 @@ class _UdpListener(asyncio.DatagramProtocol):
         self._server = server
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
+        if not self._server.local_sources.allows(addr[0], now=self._server._loop.time()):
+            self._server.refused_remote += 1
+            return
         self._server._query(data, UdpClient((addr[0], addr[1])), ClientTransport.UDP)
 
     def error_received(self, exc: Exception) -> None:
@@ -89,6 +92,49 @@ class _UpstreamSocket(asyncio.DatagramProtocol):
 
     def error_received(self, exc: Exception) -> None:  # ICMP port unreachable etc.
         self._server._forward_failed(self._forward_id)
+
+
+class LocalSources:
+    """Which client addresses belong to this machine (the resolver serves nobody else).
+
+    Linux accepts packets for any local address on any interface, so a host on the LAN could
+    reach the resolver on the TUN address. A source address is local when a socket can be
+    bound to it; answers are cached (bounded, expiring) so the check costs nothing per query.
+    """
+
+    TTL = 30.0
+    MAX_ENTRIES = 256
+
+    def __init__(self) -> None:
+        self._cache: dict[str, tuple[bool, float]] = {}
+
+    def allows(self, address: str, *, now: float) -> bool:
+        cached = self._cache.get(address)
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        local = _is_local_address(address)
+        if len(self._cache) >= self.MAX_ENTRIES:
+            self._cache.clear()
+        self._cache[address] = (local, now + self.TTL)
+        return local
+
+
+def _is_local_address(address: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if ip.is_loopback:
+        return True
+    family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+    probe = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        probe.bind((address, 0))
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
 
 
 class DnsServer:
@@ -117,6 +163,9 @@ class DnsServer:
             ForwardFinished: self._forward_finished,
         }
         self.address: tuple[str, int] = ("", 0)
+        self.local_sources = LocalSources()
+        #: Queries dropped because they came from another machine.
+        self.refused_remote = 0
 
     @classmethod
     async def start(
@@ -274,6 +323,11 @@ class DnsServer:
     # -- TCP clients --------------------------------------------------------------------
 
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        if peer is None or not self.local_sources.allows(peer[0], now=self._loop.time()):
+            self.refused_remote += 1
+            writer.close()
+            return
         if len(self._tcp_writers) >= MAX_TCP_CLIENTS:
             writer.close()
             return

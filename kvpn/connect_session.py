@@ -12,6 +12,15 @@ kube-dns ClusterIP: that address is in the service CIDR, already routed into the
 take the same path as any program's (the data plane's UDP flows and its TCP NAT), with no
 second relay to keep in step. Names that are not the cluster's go straight to the laptop's
 original name servers. The OS is then pointed at the resolver (``--dns-mode``).
+
+Reconnect and status (issue 9): once connected, :class:`kvpn.link_supervisor.LinkSupervisor`
+watches the tunnel (SSH keepalives every 2 s, 3 unanswered -> dead) and reconnects with
+capped exponential backoff through :class:`kvpn.shadow_link.ShadowLink`, which recreates the
+shadow pod from the same plan and key when it is gone. The TUN, routes and DNS stay in place
+meanwhile (:meth:`kvpn.dataplane.DataPlane.tunnel_lost` / ``replace_tunnel``). The session
+rewrites its status file ``<state>/sessions/<id>.status.json`` every 2 s and on each state
+change (:mod:`kvpn.session_status`, read by ``kvpn status``). The state directory is 0700 and
+every file in it 0600; the session's private key exists only in this process's memory.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import os
 import shutil
 import socket
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -69,11 +79,20 @@ from kvpn.dns.session import (
     recover_leftover_dns,
     restore_machine_dns,
 )
+from kvpn.link_supervisor import LinkConfig, LinkSupervisor
 from kvpn.routes.discovery import ClusterCidrs, discover
 from kvpn.routes.local_routes import read_local_routes_async
 from kvpn.routes.plan import RoutePlan, plan_routes
 from kvpn.routes.prefixes import parse_ipv4_cidr
 from kvpn.routes.session_file import write_session
+from kvpn.session_status import (
+    SessionStatus,
+    ensure_private_dir,
+    status_path,
+    summarize_counters,
+    write_status,
+)
+from kvpn.shadow_link import ShadowLink
 from kvpn.tunnel.client import ShadowTunnel
 from kvpn.tunnel.errors import TunnelError
 from kvpn.tunnel.keys import new_session_key, public_key_text
@@ -234,6 +253,11 @@ async def run_session(
         raise UserError("/dev/net/tun is missing: this kernel or container has no TUN support")
     if options.dns_mode not in CONNECT_DNS_MODES:
         raise UserError(f"--dns-mode must be one of {', '.join(CONNECT_DNS_MODES)}")
+    try:
+        ensure_private_dir(options.state_dir / "sessions")
+        ensure_private_dir(options.state_dir)
+    except OSError as exc:
+        raise UserError(f"cannot use the state directory {options.state_dir}: {exc}") from None
     recover_dns(options, out)
     dns_mode = choose_connect_dns_mode(options)
 
@@ -257,6 +281,8 @@ async def run_session(
 
     undo = _Undo()
     exit_code = 0
+    link_config = LinkConfig()
+    supervisors: list[LinkSupervisor] = []
     try:
         key = new_session_key()
         plan = ShadowPodPlan.new(
@@ -278,8 +304,14 @@ async def run_session(
             transport = DirectTransport(ready.pod_ip, plan.port)
         else:
             transport = PortForwardTransport(configuration, namespace, plan.name, plan.port)
-        tunnel = await ShadowTunnel.connect(transport, client_key=key, host_key=ready.host_key)
-        undo.push("close the SSH tunnel", tunnel.close)
+        tunnel = await ShadowTunnel.connect(
+            transport,
+            client_key=key,
+            host_key=ready.host_key,
+            keepalive_interval=link_config.keepalive_interval,
+            keepalive_count_max=link_config.keepalive_count_max,
+        )
+        undo.push("close the SSH tunnel", lambda: _close_tunnel(tunnel, supervisors))
 
         dataplane_config = DataPlaneConfig(
             routes=route_plan.installed,
@@ -292,6 +324,7 @@ async def run_session(
         await dataplane.start()
 
         dns = DnsStatus(DNS_OFF, reason="--dns-mode off")
+        dns_servers: list[DnsServer] = []
         if dns_mode is not None:
             dns = await connect_dns(
                 undo,
@@ -303,6 +336,7 @@ async def run_session(
                 session=plan.session_id,
                 cidrs=cidrs,
                 listen=dataplane_config.tun_address,
+                servers=dns_servers,
             )
 
         session_file = options.state_dir / "sessions" / f"{plan.session_id}.json"
@@ -336,14 +370,40 @@ async def run_session(
             + _exclusions_summary(route_plan)
             + f"DNS: {dns.summary()}; Ctrl-C disconnects"
         )
-        closed = asyncio.ensure_future(tunnel.wait_closed())
-        stopped = asyncio.ensure_future(stop.wait())
-        done, _ = await asyncio.wait({closed, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        for fut in (closed, stopped):
-            fut.cancel()
-        if closed in done and not stop.is_set():
-            out("the tunnel to the shadow pod closed; disconnecting")
-            exit_code = 1
+        link = ShadowLink(
+            core,
+            configuration,
+            plan,
+            client_key=key,
+            host_key=ready.host_key,
+            transport=options.transport,
+            direct_peer=ready.pod_ip if options.transport == "direct" else None,
+            out=out,
+            keepalive_interval=link_config.keepalive_interval,
+            keepalive_count_max=link_config.keepalive_count_max,
+        )
+        status_file = status_path(session_file.parent, plan.session_id)
+        supervisor = LinkSupervisor(
+            dataplane,
+            tunnel,
+            link.connect,
+            out=out,
+            publish=lambda: _publish_status(
+                status_file,
+                supervisors[0],
+                link,
+                dataplane,
+                dns_servers,
+                plan=plan,
+                tun=options.tun_name,
+                routes=route_plan,
+                dns_mode=dns.mode,
+            ),
+            config=link_config,
+        )
+        supervisors.append(supervisor)
+        undo.push("remove the status file", lambda: _remove(status_file))
+        await supervisor.run(stop)
     except (ShadowPodError, TunnelError) as exc:
         out(f"kvpn: {exc}")
         exit_code = 1
@@ -397,6 +457,7 @@ async def connect_dns(
     session: str,
     cidrs: ClusterCidrs,
     listen: ipaddress.IPv4Address,
+    servers: list[DnsServer] | None = None,
 ) -> DnsStatus:
     """Resolver on *listen*:53, cluster names kept current, the OS pointed at the resolver.
 
@@ -424,7 +485,8 @@ async def connect_dns(
         )
     reverse_networks = (*cidrs.service_cidrs, *cidrs.pod_cidrs)
     kube_dns = UpstreamServer(str(cluster_dns.address))
-    servers: list[DnsServer] = []
+    if servers is None:
+        servers = []
     undo.push("stop the DNS resolver", lambda: _close_servers(servers))
     try:
         servers.append(
@@ -485,6 +547,60 @@ async def connect_dns(
         cluster_dns=str(cluster_dns.address),
         journal_dir=str(journal),
     )
+
+
+async def _close_tunnel(first: ShadowTunnel, supervisors: list[LinkSupervisor]) -> None:
+    """Close the tunnel in use: the first one, or the supervisor's latest."""
+    if supervisors:
+        await supervisors[0].close_tunnel()
+    else:
+        await first.close()
+
+
+def _publish_status(
+    path: Path,
+    supervisor: LinkSupervisor,
+    link: ShadowLink,
+    dataplane: DataPlane,
+    dns_servers: list[DnsServer],
+    *,
+    plan: ShadowPodPlan,
+    tun: str,
+    routes: RoutePlan,
+    dns_mode: str,
+) -> None:
+    """Rewrite the status file from the live state (the supervisor calls this)."""
+    snapshot = supervisor.snapshot()
+    mono = asyncio.get_running_loop().time()
+    wall = time.time()
+    dns_counters = dns_servers[0].resolver.counters.as_dict() if dns_servers else None
+    status = SessionStatus(
+        session=plan.session_id,
+        pid=os.getpid(),
+        pid_start=DnsOwner.this_process(plan.session_id).started,
+        state=snapshot.state.value,
+        since=wall - (mono - snapshot.since),
+        updated_at=wall,
+        reason=snapshot.reason,
+        last_error=snapshot.last_error,
+        reconnect_attempts=snapshot.attempts,
+        reconnects=snapshot.reconnects,
+        last_outage_s=snapshot.last_outage,
+        next_attempt_at=(
+            None if snapshot.next_attempt is None else wall + (snapshot.next_attempt - mono)
+        ),
+        shadow_pod=f"{plan.namespace}/{plan.name}",
+        pods_recreated=link.pods_recreated,
+        transport=link.transport_name,
+        tun=tun,
+        routes=tuple(str(network) for network in routes.installed),
+        dns_mode=dns_mode,
+        counters=summarize_counters(dataplane.counters, dns_counters),
+    )
+    try:
+        write_status(path, status)
+    except OSError as exc:
+        log.warning("cannot write the status file %s: %s", path, exc)
 
 
 async def _close_servers(servers: list[DnsServer]) -> None:

@@ -12,6 +12,17 @@ This is the thin adapter around the sans-IO :class:`kvpn.net.router.PacketRouter
   both ways (app FIN -> channel EOF, channel EOF -> ``shutdown(SHUT_WR)``) and resets
   (app RST -> channel closed; channel lost -> ``SO_LINGER 0`` reset of the app socket);
 * one asyncio timer follows ``router.get_timer()``.
+
+The tunnel can be swapped while the TUN, routes and listener stay up (reconnect, driven by
+:mod:`kvpn.link_supervisor`): :meth:`DataPlane.tunnel_lost` resets every relayed TCP flow
+(their SSH channels died with the connection: the app sees a RST, never a hang), closes the
+datagram relay and drops UDP/ping until the tunnel is back (counted; they are lossy anyway);
+:meth:`DataPlane.replace_tunnel` installs the new tunnel and reopens the relay.  A new
+connection during the outage is *held*: its SYN waits in the router's gate while the dial
+waits for the tunnel, and is dialled as soon as the tunnel is back if that happens within the
+dial timeout (5 s); otherwise the app gets ICMP host unreachable at the timeout, as for any
+dial that times out.  So a short blip costs a connect a little latency, a long outage a
+prompt "No route to host", and nothing waits longer than the dial timeout.
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ import contextlib
 import logging
 import socket
 import struct
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
@@ -39,7 +51,7 @@ from kvpn.shadow.relay_codec import (
 )
 from kvpn.tun.device import TunDevice
 from kvpn.tun.netlink import TunLinkConfig
-from kvpn.tunnel.client import DialRefused, DialTimeout, DialUnreachable
+from kvpn.tunnel.client import DialError, DialRefused, DialTimeout, DialUnreachable
 
 __all__ = ["DataPlane", "DataPlaneConfig", "DataPlaneCounters", "RoutingLoopError"]
 
@@ -112,6 +124,10 @@ class DataPlaneCounters:
     tcp_resets_to_app: int = 0
     listener_refused: int = 0
     tun_write_dropped: int = 0
+    dials_held: int = 0  # dials that waited for the tunnel to come back
+    tunnel_losses: int = 0
+    tcp_resets_on_tunnel_loss: int = 0
+    datagrams_dropped_tunnel_down: int = 0
     dial_errors: dict[str, int] = field(default_factory=dict)
 
 
@@ -128,6 +144,9 @@ class DataPlane:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_when: float | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._tcp_relays: set[asyncio.Task[None]] = set()
+        self._tunnel_up = asyncio.Event()
+        self._tunnel_up.set()
         self._pending_streams: dict[FlowKey, tuple[Any, Any]] = {}
         self._stats = DataPlaneCounters()
         self._event_handlers: dict[type[Any], Callable[[Any], None]] = {
@@ -151,6 +170,22 @@ class DataPlane:
         return self._tun
 
     @property
+    def tunnel(self) -> TunnelLike:
+        return self._tunnel
+
+    @property
+    def tunnel_is_up(self) -> bool:
+        return self._tunnel_up.is_set()
+
+    @property
+    def datagrams_ok(self) -> bool:
+        """Whether UDP and ping can pass (the relay is open, or datagrams are disabled)."""
+        if not self._config.datagrams:
+            return True
+        relay = self._relay
+        return relay is not None and not getattr(relay, "is_closed", False)
+
+    @property
     def listener_port(self) -> int | None:
         return self._listener.getsockname()[1] if self._listener is not None else None
 
@@ -168,7 +203,7 @@ class DataPlane:
             await link.add_route(IPv4Network(f"{config.fake_peer}/32"))
             for network in config.routes:
                 await link.add_route(network)
-            self._listener = listener = _listen_on(config.tun_address)
+            self._listener = listener = _listen_on(config.tun_address, tun.name)
             self._router = PacketRouter(
                 RouterConfig(
                     tun_address=config.tun_address,
@@ -193,6 +228,54 @@ class DataPlane:
             self.listener_port,
             ", ".join(map(str, config.routes)),
         )
+
+    def tunnel_lost(self) -> None:
+        """The tunnel died: reset its TCP flows, drop datagrams, hold new dials.
+
+        Keeps the TUN, routes, NAT and listener. Relayed TCP flows cannot survive (their SSH
+        channels are gone): each app socket is reset. Call :meth:`replace_tunnel` when a new
+        tunnel is up.
+        """
+        if not self._tunnel_up.is_set():
+            return
+        self._tunnel_up.clear()
+        self._stats.tunnel_losses += 1
+        relays = list(self._tcp_relays)
+        self._stats.tcp_resets_on_tunnel_loss += len(relays)
+        self._stats.tcp_resets_to_app += len(relays)
+        for task in relays:
+            task.cancel()  # _relay_tcp resets the app socket and closes the channel
+        for _reader, writer in self._pending_streams.values():
+            _close_quietly(writer)  # its SYN was released: accept() will find no stream, RST
+        self._pending_streams.clear()
+        relay, self._relay = self._relay, None
+        if relay is not None:
+            self._spawn(_close_relay(relay))
+
+    async def replace_tunnel(self, tunnel: TunnelLike) -> None:
+        """Carry traffic over *tunnel* from now on; held dials go through it at once.
+
+        The datagram relay is reopened; if that fails the error is raised after the tunnel
+        is installed (TCP works; the caller reports the session as degraded and may call
+        :meth:`reopen_datagrams` later).
+        """
+        old_relay, self._relay = self._relay, None
+        if old_relay is not None:
+            self._spawn(_close_relay(old_relay))
+        self._tunnel = tunnel
+        self._tunnel_up.set()
+        await self.reopen_datagrams()
+
+    async def reopen_datagrams(self) -> None:
+        """Open the UDP/ping relay on the current tunnel if it is not open."""
+        if not self._config.datagrams or self.datagrams_ok or self._router is None:
+            return
+        tunnel = self._tunnel
+        relay = await tunnel.open_datagrams(self._on_relay_event)
+        if tunnel is not self._tunnel or not self._tunnel_up.is_set():
+            await _close_relay(relay)  # the tunnel changed meanwhile
+            return
+        self._relay = relay
 
     async def stop(self) -> None:
         """Tear everything down; safe to call twice or after a failed start."""
@@ -241,6 +324,10 @@ class DataPlane:
                 "tcp_resets_to_app": stats.tcp_resets_to_app,
                 "listener_refused": stats.listener_refused,
                 "tun_write_dropped": stats.tun_write_dropped,
+                "dials_held": stats.dials_held,
+                "tunnel_losses": stats.tunnel_losses,
+                "tcp_resets_on_tunnel_loss": stats.tcp_resets_on_tunnel_loss,
+                "datagrams_dropped_tunnel_down": stats.datagrams_dropped_tunnel_down,
             }
         )
         snapshot.update({f"dial_error.{k}": v for k, v in sorted(stats.dial_errors.items())})
@@ -312,14 +399,40 @@ class DataPlane:
     def _on_dial_requested(self, event: TcpDialRequested) -> None:
         self._spawn(self._dial(event))
 
+    async def _open_through_tunnel(self, event: TcpDialRequested) -> tuple[Any, Any]:
+        """Dial through the current tunnel, waiting for it (within the dial timeout) when it
+        is down, and trying again on the new one when it dies mid-dial."""
+        deadline = time.monotonic() + self._config.dial_timeout
+        while True:
+            if not self._tunnel_up.is_set():
+                self._stats.dials_held += 1
+                try:
+                    await asyncio.wait_for(
+                        self._tunnel_up.wait(), max(0.0, deadline - time.monotonic())
+                    )
+                except TimeoutError:
+                    raise DialTimeout("the tunnel is down (reconnecting)") from None
+            tunnel = self._tunnel
+            try:
+                return await tunnel.open_tcp(
+                    str(event.dst),
+                    event.dport,
+                    timeout=max(0.1, deadline - time.monotonic()),
+                )
+            except (DialRefused, DialUnreachable, DialTimeout):
+                raise
+            except (DialError, OSError):
+                # the tunnel itself failed; a replacement within the deadline gets a go
+                replaced = tunnel is not self._tunnel or not self._tunnel_up.is_set()
+                if not replaced or time.monotonic() >= deadline:
+                    raise
+
     async def _dial(self, event: TcpDialRequested) -> None:
         router = self._router
         if router is None:
             return
         try:
-            reader, writer = await self._tunnel.open_tcp(
-                str(event.dst), event.dport, timeout=self._config.dial_timeout
-            )
+            reader, writer = await self._open_through_tunnel(event)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -369,7 +482,7 @@ class DataPlane:
                 continue
             with contextlib.suppress(OSError):  # a relay forwards segments as they come
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._spawn(self._relay_tcp(flow_key, sock, *stream))
+            self._spawn(self._relay_tcp(flow_key, sock, *stream), group=self._tcp_relays)
 
     async def _relay_tcp(
         self, flow_key: FlowKey, sock: socket.socket, reader: Any, writer: Any
@@ -460,10 +573,14 @@ class DataPlane:
     def _on_udp_out(self, event: UdpOut) -> None:
         if self._relay is not None:
             self._relay.send_udp(event.flow_id, event.dst, event.dport, event.payload)
+        else:
+            self._stats.datagrams_dropped_tunnel_down += 1
 
     def _on_ping_out(self, event: PingOut) -> None:
         if self._relay is not None:
             self._relay.send_ping(event.flow_id, event.dst, event.ident, event.seq, event.payload)
+        else:
+            self._stats.datagrams_dropped_tunnel_down += 1
 
     def _on_relay_event(self, event: Any) -> None:
         handler = self._relay_handlers.get(type(event))
@@ -494,13 +611,16 @@ class DataPlane:
 
     # ------------------------------------------------------------------ helpers
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
+    def _spawn(self, coro: Awaitable[None], group: set[asyncio.Task[None]] | None = None) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
         self._tasks.add(task)
+        if group is not None:
+            group.add(task)
         task.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
+        self._tcp_relays.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("data plane task failed", exc_info=task.exception())
 
@@ -511,6 +631,11 @@ class _AppReset(Exception):
 
 class _ChannelLost(Exception):
     """The tunnel stream closed without EOF (the destination reset, or the tunnel died)."""
+
+
+async def _close_relay(relay: DatagramRelayLike) -> None:
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(relay.close(), 5.0)
 
 
 def _dial_outcome(exc: BaseException) -> DialOutcome:
@@ -534,10 +659,21 @@ def _closed_without_eof(writer: Any, up_done: asyncio.Event) -> bool:
     return state in ("close_pending", "closed") and not up_done.is_set()
 
 
-def _listen_on(address: IPv4Address) -> socket.socket:
+def _listen_on(address: IPv4Address, device: str) -> socket.socket:
+    """The NAT listener: bound to A and to the TUN device.
+
+    Linux accepts packets for a local address on any interface (weak host model), so
+    without the device binding a host on the LAN could reach A:P through the laptop's
+    Ethernet. Bound to the TUN, only segments kvpn itself wrote into the TUN (the NAT's
+    rewritten SYNs) match; everything else - other interfaces, local processes dialling A:P
+    over loopback - gets the kernel's RST. The accept loop also checks the peer is B with a
+    NAT entry.
+    """
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if hasattr(socket, "SO_BINDTODEVICE"):  # Linux; macOS has no equivalent here
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())
         listener.bind((str(address), 0))
         listener.listen(4096)
         listener.setblocking(False)

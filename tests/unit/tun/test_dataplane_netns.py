@@ -367,7 +367,9 @@ def _check(results: dict[str, Any], offload: bool, label: str) -> None:
     assert results["timeout_s"] < 4.0
     counters = results["counters"]
     assert counters["tcp_dials_refused"] >= 1 and counters["tcp_dials_timed_out"] >= 1
-    assert counters["listener_refused"] >= 1 and counters["tcp_resets_to_app"] >= 1
+    # a local process dialling the listener is refused by the kernel (the listener is bound
+    # to the TUN device), so listener_refused (the accept loop's own check) may stay 0
+    assert counters["tcp_resets_to_app"] >= 1
     assert counters["udp_datagrams_out"] >= 2 and counters["ping_replies_in"] == 1
     # flow-level drops are legitimate (a SYN retransmitted while its dial is pending, leftover
     # segments of an earlier test's sockets answered with RST); anything else is a bug

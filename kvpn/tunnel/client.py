@@ -39,6 +39,7 @@ from kvpn.shadow.relay_codec import (
     UdpUnreachable,
     encode,
 )
+from kvpn.shadow.ssh_wire import SocketTunnel
 from kvpn.tunnel.errors import (
     AuthenticationRefused,
     DialError,
@@ -212,7 +213,9 @@ class ShadowTunnel:
             conn = await asyncio.wait_for(
                 asyncssh.connect(
                     _SSH_HOST_ALIAS,  # names the peer for logs; the pinned key decides trust
-                    sock=sock,
+                    # over sock, without asyncssh's IGNORE before each packet, one send()
+                    # per packet, reads fed in pieces (kvpn.shadow.ssh_wire)
+                    tunnel=SocketTunnel(sock),
                     username=_SSH_USERNAME,
                     client_keys=[client_key],
                     known_hosts=([pinned], [], []),

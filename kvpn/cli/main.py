@@ -27,6 +27,32 @@ CidrList = Annotated[
     list[str] | None,
     typer.Option("--include-cidr", help="Also route this CIDR through kvpn (repeatable)."),
 ]
+Kubeconfig = Annotated[
+    str | None, typer.Option("--kubeconfig", help="Path of the kubeconfig file.")
+]
+Context = Annotated[str | None, typer.Option("--context", help="Kubeconfig context to use.")]
+Namespace = Annotated[
+    str | None,
+    typer.Option("--namespace", "-n", help="Namespace to work in (default: the context's)."),
+]
+Heartbeat = Annotated[
+    float,
+    typer.Option(
+        "--heartbeat",
+        hidden=True,
+        help="Seconds between lock heartbeats; the lock expires after 3 missed ones.",
+    ),
+]
+SkipPortCheck = Annotated[
+    bool,
+    typer.Option(
+        "--skip-port-check",
+        help="Do not check that something listens on the LOCAL ports before starting.",
+    ),
+]
+DryRun = Annotated[
+    bool, typer.Option("--dry-run", help="Only print what would be done; change nothing.")
+]
 ExcludeCidrList = Annotated[
     list[str] | None,
     typer.Option("--exclude-cidr", help="Never route this CIDR through kvpn (repeatable)."),
@@ -34,11 +60,7 @@ ExcludeCidrList = Annotated[
 
 # Commands whose issue has not landed yet: they say so and exit non-zero, never pretend.
 NOT_BUILT: dict[str, str] = {
-    "exchange": "issue 6",
-    "preview": "issue 6",
     "mesh": "issue 7",
-    "status": "issue 9",
-    "clean": "issue 9",
 }
 
 
@@ -116,10 +138,46 @@ app.command("up", help="Alias of connect.")(connect)
 @app.command("exchange")
 def exchange(
     service: str = typer.Argument(..., help="Service (or deployment/NAME) to take over."),
-    expose: str = typer.Option(..., "--expose", help="LOCAL[:REMOTE][,...] ports."),
+    expose: str = typer.Option(
+        ...,
+        "--expose",
+        help="LOCAL[:REMOTE][,...]: the local port that serves the service's REMOTE port "
+        "(a port or targetPort of the service; default: LOCAL).",
+    ),
+    mode: str = typer.Option(
+        "selector",
+        "--mode",
+        help="selector (default): point the service's selector at kvpn's shadow pod; "
+        "scale: the shadow pod takes the workload's labels and the deployment is scaled to 0.",
+    ),
+    skip_port_check: SkipPortCheck = False,
+    kubeconfig: Kubeconfig = None,
+    context: Context = None,
+    namespace: Namespace = None,
+    image: str = typer.Option(None, "--image", help="Shadow pod image."),
+    heartbeat: Heartbeat = 10.0,
 ) -> None:
-    """Send all of a service's traffic to a local port (restored on exit)."""
-    _not_built("exchange")
+    """Send all of a service's traffic to a local port.
+
+    Runs in the foreground; Ctrl-C or SIGTERM restores the service (selector or replica
+    count), and removes the shadow pod. A service held by someone else is refused.
+    """
+    from kvpn.cli.exchange_command import run_exchange_command
+    from kvpn.intercept_session import InterceptOptions
+
+    run_exchange_command(
+        InterceptOptions(
+            kubeconfig=kubeconfig,
+            context=context,
+            namespace=namespace,
+            image=image,
+            heartbeat_seconds=heartbeat,
+            skip_port_check=skip_port_check,
+        ),
+        service,
+        expose,
+        mode,
+    )
 
 
 @app.command("mesh")
@@ -135,10 +193,39 @@ def mesh(
 @app.command("preview")
 def preview(
     name: str = typer.Argument(..., help="Name of the new Service."),
-    expose: str = typer.Option(..., "--expose", help="LOCAL[:REMOTE][,...] ports."),
+    expose: str = typer.Option(
+        ...,
+        "--expose",
+        help="LOCAL[:REMOTE][,...]: the service port REMOTE (default: LOCAL) reaches the "
+        "local port LOCAL.",
+    ),
+    external: bool = typer.Option(
+        False, "--external", help="Make the Service a LoadBalancer (reachable from outside)."
+    ),
+    skip_port_check: SkipPortCheck = False,
+    kubeconfig: Kubeconfig = None,
+    context: Context = None,
+    namespace: Namespace = None,
+    image: str = typer.Option(None, "--image", help="Shadow pod image."),
+    heartbeat: Heartbeat = 10.0,
 ) -> None:
-    """Publish a local process as a new Service in the cluster."""
-    _not_built("preview")
+    """Publish a local process as a new Service in the cluster (removed on exit)."""
+    from kvpn.cli.exchange_command import run_preview_command
+    from kvpn.intercept_session import InterceptOptions
+
+    run_preview_command(
+        InterceptOptions(
+            kubeconfig=kubeconfig,
+            context=context,
+            namespace=namespace,
+            image=image,
+            heartbeat_seconds=heartbeat,
+            skip_port_check=skip_port_check,
+        ),
+        name,
+        expose,
+        external,
+    )
 
 
 @app.command("routes")
@@ -178,15 +265,62 @@ def routes(
 
 
 @app.command("status")
-def status() -> None:
-    """Show kvpn sessions on this machine."""
-    _not_built("status")
+def status(
+    output: str = typer.Option("text", "--output", "-o", help="text or json."),
+    state_dir: str = typer.Option("/run/kvpn", "--state-dir", hidden=True),
+) -> None:
+    """Show kvpn sessions on this machine: connected, reconnecting, degraded, unresponsive
+    or dead; routes, DNS mode, flows and bytes, the shadow pod."""
+    from pathlib import Path
+
+    from kvpn.cli.status_command import run_status
+
+    raise typer.Exit(run_status(output=output, state_dir=Path(state_dir)))
 
 
 @app.command("clean")
-def clean() -> None:
-    """Undo everything left by kvpn sessions that died."""
-    _not_built("clean")
+def clean(
+    dry_run: DryRun = False,
+    all_namespaces: bool = typer.Option(
+        False, "--all-namespaces", "-A", help="Look in every namespace, not just one."
+    ),
+    kubeconfig: Kubeconfig = None,
+    context: Context = None,
+    namespace: Namespace = None,
+) -> None:
+    """Undo what your dead kvpn sessions left in the cluster.
+
+    Restores the services you exchanged whose heartbeat expired (selector, replicas), and
+    deletes your dead sessions' shadow pods and preview services. Live sessions, and other
+    users' sessions, are never touched.
+    """
+    from kvpn.cli.exchange_command import run_clean_command
+    from kvpn.intercept_session import InterceptOptions
+
+    run_clean_command(
+        InterceptOptions(kubeconfig=kubeconfig, context=context, namespace=namespace),
+        all_namespaces=all_namespaces,
+        dry_run=dry_run,
+    )
+
+
+@app.command("recover")
+def recover(
+    service: str = typer.Argument(..., help="The service to restore."),
+    dry_run: DryRun = False,
+    kubeconfig: Kubeconfig = None,
+    context: Context = None,
+    namespace: Namespace = None,
+) -> None:
+    """Restore one service changed by a dead kvpn session (anyone's; never a live one)."""
+    from kvpn.cli.exchange_command import run_recover_command
+    from kvpn.intercept_session import InterceptOptions
+
+    run_recover_command(
+        InterceptOptions(kubeconfig=kubeconfig, context=context, namespace=namespace),
+        service,
+        dry_run=dry_run,
+    )
 
 
 def main() -> None:

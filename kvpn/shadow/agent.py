@@ -9,7 +9,11 @@ What it allows, and nothing else:
   RST carried both ways as described in :mod:`kvpn.shadow.channel_ending`);
 * one session subsystem, ``kvpn-datagrams`` (UDP and ICMP echo relay,
   :mod:`kvpn.shadow.datagram_relay`); shells, exec, PTYs, agent and X11 forwarding are refused;
-* ``tcpip-forward`` (remote port forwarding) for the intercept features.
+* ``tcpip-forward`` (remote port forwarding) for ``kvpn exchange`` and ``kvpn preview``: the
+  agent listens on the requested port on all addresses (or loopback) and carries each
+  accepted connection back to the client as a ``forwarded-tcpip`` channel. Other listen
+  addresses, host names and the agent's own SSH port are refused
+  (:func:`remote_forward_refusal`).
 
 The host key is generated in memory at start (the pod's root file system is read-only)
 and announced on stdout as one line ``KVPN-HOST-KEY <openssh public key>``; the client reads
@@ -23,7 +27,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TextIO, cast
 
@@ -32,12 +36,28 @@ import asyncssh
 from kvpn.shadow.datagram_relay import DatagramRelay, DatagramSockets, RelayLimits
 from kvpn.shadow.dial_errors import DialFailure
 from kvpn.shadow.relay_codec import SUBSYSTEM_NAME
+from kvpn.shadow.ssh_wire import CoalescingListener
 from kvpn.shadow.tcp_splice import dial_destination
 
 logger = logging.getLogger(__name__)
 
 HOST_KEY_LOG_PREFIX = "KVPN-HOST-KEY"
 DEFAULT_PORT = 2222
+
+
+# Addresses a remote forward may listen on: every address of the pod, or its loopback.
+REMOTE_FORWARD_HOSTS = frozenset({"", "0.0.0.0", "::", "localhost", "127.0.0.1", "::1"})
+
+
+def remote_forward_refusal(listen_host: str, listen_port: int, *, own_port: int) -> str | None:
+    """Why a ``tcpip-forward`` request is refused, or None when the agent may listen."""
+    if listen_host.lower() not in REMOTE_FORWARD_HOSTS:
+        return f"listen address {listen_host!r} is not all addresses or loopback"
+    if not 0 <= listen_port < 65536:
+        return f"port {listen_port} is out of range"
+    if listen_port != 0 and listen_port == own_port:
+        return f"port {listen_port} is the agent's own SSH port"
+    return None
 
 
 class ConfigError(Exception):
@@ -168,8 +188,10 @@ class _AgentServer(asyncssh.SSHServer):
         config: AgentConfig,
         sockets: DatagramSockets,
         connections: set[asyncssh.SSHServerConnection],
+        own_port: Callable[[], int] | None = None,
     ) -> None:
         self._config = config
+        self._own_port = own_port or (lambda: config.listen_port)
         self._sockets = sockets
         self._connections = connections
         self._conn: asyncssh.SSHServerConnection | None = None
@@ -211,6 +233,13 @@ class _AgentServer(asyncssh.SSHServer):
         return self._conn is None or self._conn.is_closed()
 
     def server_requested(self, listen_host: str, listen_port: int) -> bool:
+        refusal = remote_forward_refusal(listen_host, listen_port, own_port=self._own_port())
+        if refusal is not None:
+            logger.info("refused remote forward %s:%d: %s", listen_host, listen_port, refusal)
+            return False
+        # asyncssh listens (a bind error is reported to the client as a refusal) and opens a
+        # forwarded-tcpip channel to the client for each connection it accepts.
+        logger.info("remote forward: listening on %s:%d", listen_host or "*", listen_port)
         return True
 
     def unix_connection_requested(self, dest_path: str) -> bool:
@@ -256,7 +285,9 @@ class ShadowAgent:
         self._acceptor = await asyncssh.listen(
             config.listen_host,
             config.listen_port,
-            server_factory=lambda: _AgentServer(config, self._sockets, self._connections),
+            server_factory=lambda: _AgentServer(
+                config, self._sockets, self._connections, own_port=self._own_port
+            ),
             server_host_keys=[self._host_key],
             authorized_client_keys=self._authorized,
             password_auth=False,
@@ -270,8 +301,11 @@ class ShadowAgent:
             keepalive_interval=config.keepalive_interval,
             keepalive_count_max=config.keepalive_count_max,
             login_timeout=config.login_timeout,
-            reuse_address=True,
+            tunnel=CoalescingListener(reuse_address=True),  # cheaper packets: ssh_wire
         )
+
+    def _own_port(self) -> int:
+        return self._acceptor.get_port() if self._acceptor is not None else self._config.listen_port
 
     @property
     def connection_count(self) -> int:
@@ -336,4 +370,5 @@ __all__ = [
     "ShadowAgent",
     "main",
     "parse_authorized_key",
+    "remote_forward_refusal",
 ]

@@ -1,0 +1,160 @@
+"""``kvpn preview``: a local process published as a new Service, removed on exit.
+
+The Service is created first and carries this session's lock (``kvpn.dev/lock``, kind
+``preview``) with its heartbeat, so ``kvpn clean`` can tell a dead preview from a live one;
+then the shadow pod behind it (selected by ``kvpn.dev/preview=<session>``) forwards each
+connection to the local port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from datetime import datetime
+from typing import Any
+
+import asyncssh
+
+from kvpn.cli.errors import UserError
+from kvpn.cluster.exchange_plan import PREVIEW_LABEL, InterceptPodPlan, PreviewPlan
+from kvpn.cluster.intercept_api import InterceptApiError, KubeClients
+from kvpn.cluster.locks import Identity, Lock, read_lock
+from kvpn.cluster.service_ports import Exposure, PortMatchError, parse_expose, preview_forwards
+from kvpn.cluster.shadow_pod import DEFAULT_SHADOW_IMAGE, ShadowPodError, ShadowPodPlan
+from kvpn.connect_session import _Undo
+from kvpn.intercept_session import (
+    LOCAL_HOST,
+    InterceptOptions,
+    LockKeeper,
+    LockLost,
+    Out,
+    StoppedWhileStarting,
+    agent_port,
+    annotations_of,
+    check_local_ports,
+    finish_undo,
+    now_utc,
+    open_cluster,
+    start_shadow,
+    until_stopped,
+    wait_for_end,
+)
+from kvpn.tunnel.errors import TunnelError
+from kvpn.tunnel.keys import new_session_key, public_key_text
+
+
+def plan_preview(
+    namespace: str,
+    name: str,
+    exposures: tuple[Exposure, ...],
+    *,
+    external: bool,
+    me: Identity,
+    key_text: str,
+    options: InterceptOptions,
+    session: str | None = None,
+    now: datetime | None = None,
+) -> PreviewPlan:
+    session = session or secrets.token_hex(4)
+    now = now or now_utc()
+    forwards = preview_forwards(exposures)
+    shadow = ShadowPodPlan.new(
+        namespace,
+        key_text,
+        user=me.user,
+        image=options.image or DEFAULT_SHADOW_IMAGE,
+        session_id=session,
+        now=now,
+        port=agent_port(forwards),
+    )
+    lock = Lock.new(
+        "preview",
+        mode="",
+        identity=me,
+        session=session,
+        now=now,
+        heartbeat_seconds=options.heartbeat_seconds,
+    )
+    pod = InterceptPodPlan(shadow, "preview", name, me.host, ((PREVIEW_LABEL, session),), forwards)
+    return PreviewPlan(namespace, name, lock, pod, external)
+
+
+async def run_preview(
+    options: InterceptOptions, name: str, expose: str, external: bool, out: Out, stop: asyncio.Event
+) -> int:
+    """Publish local ports as a new Service until ``stop``; then remove it."""
+    try:
+        exposures = parse_expose(expose)
+    except PortMatchError as exc:
+        raise UserError(str(exc)) from None
+    me = Identity.of_this_process()
+    await check_local_ports(exposures, options)
+    async with open_cluster(options, out) as (kube, namespace, configuration):
+        try:
+            existing = await kube.read_service(namespace, name)
+        except InterceptApiError as exc:
+            raise UserError(str(exc)) from None
+        if existing is not None:
+            raw, lock = read_lock(annotations_of(existing))
+            whose = f" ({lock.describe(now_utc())})" if lock is not None else ""
+            raise UserError(f"service {namespace}/{name} already exists{whose}")
+        key = new_session_key()
+        plan = plan_preview(
+            namespace,
+            name,
+            exposures,
+            external=external,
+            me=me,
+            key_text=public_key_text(key),
+            options=options,
+        )
+        for line in plan.describe():
+            out(f"plan: {line}")
+        return await _preview(kube, configuration, plan, key, options, out, stop)
+
+
+async def _preview(
+    kube: KubeClients,
+    configuration: Any,
+    plan: PreviewPlan,
+    key: asyncssh.SSHKey,
+    options: InterceptOptions,
+    out: Out,
+    stop: asyncio.Event,
+) -> int:
+    ns, name = plan.namespace, plan.name
+    try:
+        created = await kube.create_service(ns, plan.service_manifest())
+    except InterceptApiError as exc:
+        raise UserError(str(exc)) from None
+    keeper = LockKeeper(kube, ns, name, plan.lock, out)
+    undo = _Undo()
+
+    async def delete_service() -> None:
+        await keeper.stop()
+        if not keeper.lost.is_set():
+            await kube.delete_service(ns, name)
+
+    undo.push(f"delete service {name}", delete_service)
+    keeper.start(options.heartbeat_seconds)
+    exit_code = 0
+    try:
+        tunnel = await until_stopped(
+            start_shadow(kube, configuration, plan.pod, key, undo, out), stop
+        )
+        ip = (created.get("spec") or {}).get("clusterIP") or "?"
+        ports = ", ".join(
+            f"{f.target_port} -> {LOCAL_HOST}:{f.local_port}" for f in plan.pod.forwards
+        )
+        kind = "LoadBalancer" if plan.external else "ClusterIP"
+        out(f"preview: service {ns}/{name} ({kind} {ip}) port {ports}; Ctrl-C removes it")
+        exit_code = await wait_for_end(tunnel, keeper, stop, out)
+    except StoppedWhileStarting:
+        out("stopped while starting")
+    except (ShadowPodError, TunnelError, InterceptApiError, LockLost) as exc:
+        out(f"kvpn: {exc}")
+        exit_code = 1
+    finally:
+        out(f"removing preview {ns}/{name}")
+        exit_code = await finish_undo(undo, out, exit_code)
+    return exit_code

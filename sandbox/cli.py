@@ -31,6 +31,11 @@ def _network(value: str, what: str) -> ipaddress.IPv4Network:
 
 
 def _config(name: str, **kw: object) -> SandboxConfig:
+    """For an existing sandbox, the settings it was started with; else defaults plus ``kw``."""
+    if not kw:
+        saved = lifecycle.saved_config(name)
+        if saved is not None:
+            return saved
     try:
         return SandboxConfig(name=name, **kw)  # type: ignore[arg-type]
     except ValueError as exc:
@@ -110,6 +115,50 @@ def get(
         except ValueError as exc:
             raise _CliError(str(exc)) from None
     typer.echo(text)
+
+
+@app.command("exec")
+def exec_(
+    pod: str = typer.Argument(..., help="Pod name."),
+    command: list[str] = typer.Argument(..., help="Command and arguments (after --)."),  # noqa: B008
+    name: str = typer.Option("kvpn", "--name", help="Sandbox name."),
+    namespace: str = typer.Option("default", "--namespace", "-n", help="Namespace."),
+) -> None:
+    """Run a command in a pod through the API server (like kubectl exec), from the laptop."""
+    from kubernetes import client
+    from kubernetes import config as kube_config
+    from kubernetes.client.exceptions import ApiException
+    from kubernetes.stream import stream
+
+    from sandbox.inside_netns import inside_netns
+
+    config = _config(name)
+    if not lifecycle.is_running(config):
+        raise _CliError(f"sandbox {name!r} is not running")
+    with inside_netns(config.laptop_netns):
+        api_client = kube_config.new_client_from_config(  # type: ignore[no-untyped-call]
+            str(config.kubeconfig_path)
+        )
+        try:
+            resp = stream(
+                client.CoreV1Api(api_client).connect_get_namespaced_pod_exec,
+                pod,
+                namespace,
+                command=command,
+                stdin=False,
+                stdout=True,
+                stderr=True,
+                tty=False,
+                _preload_content=False,
+            )
+        except ApiException as exc:
+            raise _CliError(f"exec in {namespace}/{pod}: {exc.reason}") from None
+        resp.run_forever(timeout=120)
+    sys.stdout.write(resp.read_stdout() or "")
+    sys.stderr.write(resp.read_stderr() or "")
+    code = resp.returncode or 0
+    resp.close()
+    raise typer.Exit(code)
 
 
 def main() -> None:

@@ -191,6 +191,17 @@ def describe(config: SandboxConfig) -> list[str]:
     return lines
 
 
+def saved_config(name: str, state_root: Path = STATE_ROOT) -> SandboxConfig | None:
+    """The configuration a running (or crashed) sandbox was started with, if it left one."""
+    from sandbox.settings import load_settings
+
+    try:
+        data = json.loads((state_root / name / "sandbox.json").read_text())
+        return load_settings(data)[0]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def known_sandboxes(state_root: Path = STATE_ROOT) -> list[str]:
     if not state_root.exists():
         return []

@@ -410,3 +410,35 @@ def test_second_sandbox_runs_beside_and_down_leaves_nothing(cluster: Cluster) ->
         ["pgrep", "-f", f"/run/kvpn-sandbox/{name}"], capture_output=True, check=False
     )
     assert leftover.returncode == 1
+
+
+def test_sandbox_cli_lists_and_execs(cluster: Cluster, core: client.CoreV1Api) -> None:
+    name = cluster.config.name
+    listing = subprocess.run(
+        [venv_bin("kvpn-sandbox"), "get", "pods", "--name", name],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert listing.returncode == 0, listing.stderr
+    pod = ready_pods(core, "default", "app=echo")[0].metadata.name
+    assert pod in listing.stdout
+    result = subprocess.run(
+        [
+            venv_bin("kvpn-sandbox"),
+            "exec",
+            "--name",
+            name,
+            pod,
+            "--",
+            "sh",
+            "-c",
+            "echo hi; exit 4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (result.stdout, result.returncode) == ("hi\n", 4)

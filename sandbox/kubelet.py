@@ -369,7 +369,7 @@ async def _socket_in_netns(netns: str) -> socket.socket:
 
     def make() -> socket.socket:
         with inside_netns(netns):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setblocking(False)
         return sock
 

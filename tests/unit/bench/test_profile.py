@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from bench.profile import top_functions
+from bench.profile import REPO, top_functions
 
-RAW = """\
+RAW = f"""\
 <module> (kvpn:8);run (asyncio/runners.py:118);_run_once (asyncio/base_events.py:1922);\
-_read_ready (/work/main/.venv/lib/python3.11/site-packages/asyncssh/connection.py:1140) 60
+_read_ready ({REPO}/.venv/lib/python3.11/site-packages/asyncssh/connection.py:1140) 60
 <module> (kvpn:8);run (asyncio/runners.py:118);_run_once (asyncio/base_events.py:1922);\
-_read_ready (/work/main/.venv/lib/python3.11/site-packages/asyncssh/connection.py:1152) 20
+_read_ready ({REPO}/.venv/lib/python3.11/site-packages/asyncssh/connection.py:1152) 20
 <module> (kvpn:8);run (asyncio/runners.py:118);_run_once (asyncio/base_events.py:1930) 15
-<module> (kvpn:8);handle_packet (/work/main/kvpn/dataplane.py:77) 5
+<module> (kvpn:8);handle_packet ({REPO}/kvpn/dataplane.py:77) 5
 this line is not a stack
 ; 3
 """

@@ -35,8 +35,8 @@ import shutil
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -97,6 +97,7 @@ from kvpn.tunnel.client import ShadowTunnel
 from kvpn.tunnel.errors import TunnelError
 from kvpn.tunnel.keys import new_session_key, public_key_text
 from kvpn.tunnel.transport import DirectTransport, PortForwardTransport, Transport
+from kvpn.undo_stack import UndoStack
 
 log = logging.getLogger("kvpn.connect")
 
@@ -124,26 +125,6 @@ class ConnectOptions:
     include_cidrs: tuple[str, ...] = ()
     exclude_cidrs: tuple[str, ...] = ()
     on_conflict: str = "keep"
-
-
-@dataclass
-class _Undo:
-    """Undo steps, run newest first; each one runs even if an earlier one failed."""
-
-    steps: list[tuple[str, Callable[[], Awaitable[object]]]] = field(default_factory=list)
-
-    def push(self, what: str, step: Callable[[], Awaitable[object]]) -> None:
-        self.steps.append((what, step))
-
-    async def run(self) -> list[str]:
-        problems = []
-        while self.steps:
-            what, step = self.steps.pop()
-            try:
-                await asyncio.shield(step())
-            except Exception as exc:
-                problems.append(f"{what}: {exc}")
-        return problems
 
 
 def has_net_admin() -> bool:
@@ -279,7 +260,7 @@ async def run_session(
     # nothing; planned again once the direct transport's peer is known.
     route_plan = await plan_session_routes(options, cidrs, protected, apiserver_name, None)
 
-    undo = _Undo()
+    undo = UndoStack()
     exit_code = 0
     link_config = LinkConfig()
     supervisors: list[LinkSupervisor] = []
@@ -447,7 +428,7 @@ def recover_dns(options: ConnectOptions, out: Callable[[str], None]) -> None:
 
 
 async def connect_dns(
-    undo: _Undo,
+    undo: UndoStack,
     out: Callable[[str], None],
     core: Any,
     options: ConnectOptions,

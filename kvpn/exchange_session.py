@@ -55,7 +55,6 @@ from kvpn.cluster.service_ports import (
     parse_expose,
 )
 from kvpn.cluster.shadow_pod import DEFAULT_SHADOW_IMAGE, ShadowPodError, ShadowPodPlan
-from kvpn.connect_session import _Undo
 from kvpn.intercept_session import (
     LOCAL_HOST,
     InterceptOptions,
@@ -76,6 +75,7 @@ from kvpn.intercept_session import (
 from kvpn.tunnel.client import ShadowTunnel
 from kvpn.tunnel.errors import TunnelError
 from kvpn.tunnel.keys import new_session_key, public_key_text
+from kvpn.undo_stack import UndoStack
 
 DEPLOYMENT_PREFIXES = ("deployment/", "deployments/", "deploy/", "deployment.apps/")
 SERVICE_PREFIXES = ("service/", "services/", "svc/")
@@ -333,7 +333,7 @@ async def _exchange(
             refuse_if_held(latest, Identity(plan.lock.user, plan.lock.host))
         raise UserError(f"service {ns}/{name} changed while kvpn read it; try again") from None
     keeper = LockKeeper(kube, ns, name, plan.lock, out)
-    undo = _Undo()
+    undo = UndoStack()
     undo.push(f"unlock service {name}", keeper.release)
     keeper.start(options.heartbeat_seconds)
     exit_code = 0
@@ -376,7 +376,7 @@ async def _scale_down(
     keeper: LockKeeper,
     scale: ScaleChange,
     namespace: str,
-    undo: _Undo,
+    undo: UndoStack,
     options: InterceptOptions,
     out: Out,
 ) -> None:

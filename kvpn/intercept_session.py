@@ -27,11 +27,12 @@ from kvpn.cluster.intercept_api import InterceptApiError, KubeClients, PatchReje
 from kvpn.cluster.locks import DEFAULT_HEARTBEAT_SECONDS, Lock, refresh_ops, release_ops
 from kvpn.cluster.service_ports import Exposure, PortForward
 from kvpn.cluster.shadow_pod import wait_shadow_ready
-from kvpn.connect_session import ConnectOptions, _Undo, load_cluster
+from kvpn.connect_session import ConnectOptions, load_cluster
 from kvpn.shadow.agent import DEFAULT_PORT
 from kvpn.tunnel.client import ShadowTunnel
 from kvpn.tunnel.errors import TunnelError
 from kvpn.tunnel.transport import PortForwardTransport
+from kvpn.undo_stack import UndoStack
 
 LOCAL_HOST = "localhost"
 Out = Callable[[str], None]
@@ -182,7 +183,7 @@ async def start_shadow(
     configuration: Any,
     pod: InterceptPodPlan,
     key: asyncssh.SSHKey,
-    undo: _Undo,
+    undo: UndoStack,
     out: Out,
 ) -> ShadowTunnel:
     """Create the shadow pod, connect to it, and listen on every forward's target port."""
@@ -246,7 +247,7 @@ async def wait_for_end(
     return 1
 
 
-async def finish_undo(undo: _Undo, out: Out, exit_code: int) -> int:
+async def finish_undo(undo: UndoStack, out: Out, exit_code: int) -> int:
     problems = await undo.run()
     for problem in problems:
         out(f"kvpn: could not undo: {problem}")

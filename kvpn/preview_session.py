@@ -21,7 +21,6 @@ from kvpn.cluster.intercept_api import InterceptApiError, KubeClients
 from kvpn.cluster.locks import Identity, Lock, read_lock
 from kvpn.cluster.service_ports import Exposure, PortMatchError, parse_expose, preview_forwards
 from kvpn.cluster.shadow_pod import DEFAULT_SHADOW_IMAGE, ShadowPodError, ShadowPodPlan
-from kvpn.connect_session import _Undo
 from kvpn.intercept_session import (
     LOCAL_HOST,
     InterceptOptions,
@@ -41,6 +40,7 @@ from kvpn.intercept_session import (
 )
 from kvpn.tunnel.errors import TunnelError
 from kvpn.tunnel.keys import new_session_key, public_key_text
+from kvpn.undo_stack import UndoStack
 
 
 def plan_preview(
@@ -128,7 +128,7 @@ async def _preview(
     except InterceptApiError as exc:
         raise UserError(str(exc)) from None
     keeper = LockKeeper(kube, ns, name, plan.lock, out)
-    undo = _Undo()
+    undo = UndoStack()
 
     async def delete_service() -> None:
         await keeper.stop()

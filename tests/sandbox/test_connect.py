@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import threading
 import time
 import urllib.request
@@ -18,7 +17,7 @@ import pytest
 from kubernetes import client
 
 from sandbox.inside_netns import inside_netns
-from tests.sandbox.support import Cluster, venv_bin
+from tests.sandbox.support import Cluster, KvpnProcess, venv_bin
 
 TARGETS_SCRIPT = r"""
 import hashlib, socket, threading
@@ -80,50 +79,18 @@ def targets(core: client.CoreV1Api) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def connected(cluster: Cluster, core: client.CoreV1Api) -> Iterator[subprocess.Popen[str]]:
-    proc = subprocess.Popen(
-        [
-            "ip",
-            "netns",
-            "exec",
-            cluster.config.laptop_netns,
-            venv_bin("kvpn"),
-            "connect",
-            "--kubeconfig",
-            str(cluster.config.kubeconfig_path),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    assert proc.stdout is not None
-    output: list[str] = []
-    connected_line = threading.Event()
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            output.append(line)
-            if line.startswith("connected"):
-                connected_line.set()
-
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
-    if not connected_line.wait(90):
-        proc.kill()
-        pytest.fail("kvpn connect did not connect:\n" + "".join(output))
+def connected(cluster: Cluster, core: client.CoreV1Api) -> Iterator[KvpnProcess]:
+    kvpn = KvpnProcess(cluster, "connect")
     try:
-        yield proc
+        kvpn.wait_for("connected")
+    except AssertionError:
+        kvpn.stop(signal.SIGKILL)
+        pytest.fail("kvpn connect did not connect:\n" + kvpn.output)
+    try:
+        yield kvpn
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        reader.join(5)
-    assert proc.returncode == 0, "".join(output)
+        code = kvpn.stop(signal.SIGINT)
+    assert code == 0, kvpn.output
     # Nothing is left: no TUN device, no route through it, no shadow pod.
     tun_devices = cluster.in_laptop(["ip", "-o", "link", "show", "type", "tun"]).stdout
     assert tun_devices == ""

@@ -16,7 +16,6 @@ import signal
 import socket
 import statistics
 import struct
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -28,7 +27,8 @@ import pytest
 from dnslib import QTYPE, RCODE, DNSRecord
 from kubernetes import client
 
-from tests.sandbox.support import Cluster, venv_bin
+from tests.sandbox import support
+from tests.sandbox.support import Cluster
 
 RESOLVER = "198.19.255.1"  # DataPlaneConfig.tun_address
 OUTSIDE_DNS = "198.18.0.53"
@@ -48,68 +48,18 @@ CONNECT_TIMEOUT = 90.0
 # -- a kvpn connect process in the laptop namespace ------------------------------------------
 
 
-class KvpnProcess:
+class KvpnProcess(support.KvpnProcess):
+    """``kvpn connect [args]`` in the laptop namespace."""
+
     def __init__(self, cluster: Cluster, *args: str) -> None:
-        self.proc = subprocess.Popen(
-            [
-                "ip", "netns", "exec", cluster.config.laptop_netns,
-                venv_bin("kvpn"), "connect", "--kubeconfig", str(cluster.config.kubeconfig_path),
-                *args,
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
-        self.lines: list[str] = []
-        self._new_line = threading.Condition()
-        self._reader = threading.Thread(target=self._pump, daemon=True)
-        self._reader.start()
-
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            with self._new_line:
-                self.lines.append(line.rstrip("\n"))
-                self._new_line.notify_all()
-        with self._new_line:
-            self._new_line.notify_all()
-
-    @property
-    def output(self) -> str:
-        return "\n".join(self.lines)
-
-    def wait_for(self, prefix: str, timeout: float = CONNECT_TIMEOUT) -> str:
-        deadline = time.monotonic() + timeout
-        with self._new_line:
-            while True:
-                found = next((line for line in self.lines if line.startswith(prefix)), None)
-                if found is not None:
-                    return found
-                left = deadline - time.monotonic()
-                if left <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
-                    raise AssertionError(f"no line starting {prefix!r}:\n{self.output}")
-                self._new_line.wait(min(left, 1.0))
+        super().__init__(cluster, "connect", *args)
 
     def interrupt(self) -> int:
         """Ctrl-C, as a user would; the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._reader.join(5)
-        return self.proc.returncode
+        return self.stop(signal.SIGINT)
 
     def kill_hard(self) -> None:
-        self.proc.kill()  # SIGKILL: nothing is undone
-        self.proc.wait()
-        self._reader.join(5)
-
-    def shadow_pod(self) -> str:
-        line = self.wait_for("shadow pod ", 1)  # "shadow pod default/kvpn-shadow-xxxx created"
-        return line.split()[2].split("/")[1]
+        self.stop(signal.SIGKILL)  # nothing is undone
 
 
 @dataclass

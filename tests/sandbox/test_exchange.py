@@ -18,6 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from kubernetes import client
 
+from tests.sandbox import support
 from tests.sandbox.support import Cluster, exec_in_pod, venv_bin
 
 LOCAL_PORT = 8080
@@ -105,50 +106,18 @@ def answered_by_echo_pod(cluster: Cluster, pod: str) -> bool:
         return False
 
 
-class Kvpn:
+class Kvpn(support.KvpnProcess):
     """A foreground kvpn command in the laptop namespace, its output collected by a thread."""
 
-    def __init__(self, cluster: Cluster, *args: str) -> None:
-        self.proc = subprocess.Popen(
-            [
-                "ip", "netns", "exec", cluster.config.laptop_netns, venv_bin("kvpn"), *args,
-                "--kubeconfig", str(cluster.config.kubeconfig_path),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._pump, daemon=True)
-        self._reader.start()
-
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
     def wait_line(self, prefix: str, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while not any(line.startswith(prefix) for line in self.lines):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop(signal.SIGKILL)
-                pytest.fail(f"kvpn never printed {prefix!r}:\n{self.output}")
-            time.sleep(0.1)
+        try:
+            self.wait_for(prefix, timeout)
+        except AssertionError:
+            self.stop(signal.SIGKILL)
+            pytest.fail(f"kvpn never printed {prefix!r}:\n{self.output}")
 
     def stop(self, sig: int = signal.SIGINT, timeout: float = 60) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            code = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            code = self.proc.wait()
-        self._reader.join(5)
-        return code
+        return super().stop(sig, timeout)
 
 
 def kvpn(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:

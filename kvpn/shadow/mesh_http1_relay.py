@@ -187,6 +187,14 @@ class Http1Relay:
             return event
 
     async def _send_client(self, event: Any) -> None:
+        if isinstance(event, h11.Response | h11.InformationalResponse) and (
+            event.http_version != b"1.1"
+        ):
+            # An HTTP/1.0 backend (``python -m http.server``): h11 only writes HTTP/1.1 and
+            # frames the body for this client itself (Content-Length kept, else chunked).
+            event = type(event)(
+                status_code=event.status_code, headers=event.headers, reason=event.reason
+            )
         try:
             data = self._server.send(event)
         except h11.LocalProtocolError as error:

@@ -32,7 +32,7 @@ from typing import cast
 import asyncssh
 
 from kvpn.shadow.channel_ending import ChannelEnding, EndingEvent, EndingState
-from kvpn.shadow.dial_errors import classify_dial_error, format_reason
+from kvpn.shadow.dial_errors import DialFailure, classify_dial_error, format_reason
 
 logger = logging.getLogger(__name__)
 
@@ -237,10 +237,24 @@ async def dial_destination(
     """
     loop = asyncio.get_running_loop()
     splice = TcpSplice(loop)
+    if not 0 < port < 65536:  # the wire carries a uint32; connect() would raise OverflowError
+        raise asyncssh.ChannelOpenError(
+            asyncssh.OPEN_CONNECT_FAILED,
+            format_reason(DialFailure.OTHER, f"port {port} is out of range"),
+        )
     try:
         await asyncio.wait_for(
             loop.create_connection(lambda: _Destination(splice), host, port), timeout
         )
+    except (ValueError, OverflowError) as exc:
+        # a host no resolver accepts (NUL, a label over 63 bytes, a lone surrogate: raised
+        # as ValueError/UnicodeError by getaddrinfo): refuse the channel, never the
+        # connection (asyncssh treats any other exception as an internal error and
+        # disconnects)
+        raise asyncssh.ChannelOpenError(
+            asyncssh.OPEN_CONNECT_FAILED,
+            format_reason(DialFailure.NAME_NOT_FOUND, f"invalid destination: {exc}"),
+        ) from None
     except (OSError, TimeoutError) as exc:
         failure = classify_dial_error(exc)
         detail = str(exc) or f"no answer within {timeout:g}s"

@@ -16,7 +16,9 @@ live events. Selectors filter events; an object that stops matching is sent as D
 Bookmarks, ``sendInitialEvents`` and ``timeoutSeconds`` are honoured, and the stream ends when
 the client goes away.
 
-Authentication is a static bearer token; exec/portforward/log are handed to ``PodStreams``.
+Authentication is a static bearer token; every resource request is then authorized by
+``authorization.Authorizer`` (deny rules a test sets at runtime; 403 worded like RBAC's), which
+also answers ``SelfSubjectAccessReview``. exec/portforward/log are handed to ``PodStreams``.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from typing import Any, Protocol
 import yaml
 from aiohttp import web
 
+from sandbox.apiserver import authorization as authz
 from sandbox.apiserver import resources as R
 from sandbox.apiserver.api import Api
 from sandbox.apiserver.discovery import api_groups, resource_list, version_info
@@ -245,6 +248,7 @@ class ApiServer:
         self.git_version = git_version
         self.bookmark_interval = bookmark_interval
         self.watch_poll_interval = watch_poll_interval
+        self.authorizer = authz.Authorizer(api.store)
         self._routes: dict[tuple[str, str], TargetHandler] = {
             ("discovery", "GET"): self._discovery,
             ("collection", "GET"): self._list_or_watch,
@@ -341,7 +345,19 @@ class ApiServer:
                 f"the server does not allow this method on the requested resource "
                 f"({request.method} {target.shape})"
             )
+        if target.rt is not None:
+            self.authorizer.authorize_request(
+                request.method, target.shape, target.rt, namespace=target.namespace,
+                name=target.name, subresource=target.subresource, watch=_flag(request, "watch"),
+            )
         return await handler(request, target)
+
+    async def authorization_resources(self, request: web.Request) -> web.StreamResponse:
+        return _json(authz.resource_list())
+
+    async def self_subject_access_review(self, request: web.Request) -> web.StreamResponse:
+        self.authorizer.authorize(authz.ssar_attributes())
+        return _json(self.authorizer.review(await _read_json(request)), 201)
 
     @staticmethod
     def _target(target: Target) -> tuple[ResourceType, Target]:
@@ -649,6 +665,9 @@ def build_app(
     for path, handler in fixed:
         app.router.add_get(path, handler)
         app.router.add_get(path + "/", handler)
+    app.router.add_get(f"/apis/{authz.GROUP}/{authz.VERSION}", server.authorization_resources)
+    app.router.add_get(f"/apis/{authz.GROUP}/{authz.VERSION}/", server.authorization_resources)
+    app.router.add_post(authz.SSAR_PATH, server.self_subject_access_review)
     app.router.add_route("*", "/api/{tail:.*}", server.resource)
     app.router.add_route("*", "/apis/{group}/{tail:.+}", server.resource)
     return app

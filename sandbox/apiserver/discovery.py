@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from sandbox.apiserver import authorization
 from sandbox.apiserver import resources as R
 
 Obj = dict[str, Any]
@@ -68,7 +69,7 @@ def api_groups() -> list[Obj]:
         if rt.group and rt.group not in seen:
             gv = {"groupVersion": rt.api_version, "version": rt.version}
             seen[rt.group] = {"name": rt.group, "versions": [gv], "preferredVersion": gv}
-    return list(seen.values())
+    return [*seen.values(), authorization.api_group()]
 
 
 def version_info(git_version: str) -> Obj:

@@ -81,7 +81,7 @@ def test_version_health_and_discovery(server: RunningServer) -> None:
     core = k8s.CoreApi(client).get_api_versions()
     assert core.versions == ["v1"]
     groups = k8s.ApisApi(client).get_api_versions()
-    assert [g.name for g in groups.groups] == ["apps"]
+    assert [g.name for g in groups.groups] == ["apps", "authorization.k8s.io"]
     core_resources = {r.name: r for r in k8s.CoreV1Api(client).get_api_resources().resources}
     assert core_resources["pods"].namespaced and "watch" in core_resources["pods"].verbs
     assert core_resources["pods"].short_names == ["po"]

@@ -11,6 +11,8 @@ This is the thin adapter around the sans-IO :class:`kvpn.net.router.PacketRouter
   each accepted socket is relayed to the stream pre-opened by its dial, with half-close
   both ways (app FIN -> channel EOF, channel EOF -> ``shutdown(SHUT_WR)``) and resets
   (app RST -> channel closed; channel lost -> ``SO_LINGER 0`` reset of the app socket);
+  an SSH channel is spliced to its socket with callbacks, no task per direction
+  (:mod:`kvpn.tunnel.socket_splice`); any other stream pair gets a task per direction;
 * one asyncio timer follows ``router.get_timer()``.
 
 The tunnel can be swapped while the TUN, routes and listener stay up (reconnect, driven by
@@ -52,6 +54,7 @@ from kvpn.shadow.relay_codec import (
 from kvpn.tun.device import TunDevice
 from kvpn.tun.netlink import TunLinkConfig
 from kvpn.tunnel.client import DialError, DialRefused, DialTimeout, DialUnreachable
+from kvpn.tunnel.socket_splice import FlowEnd, SocketSplice
 
 __all__ = ["DataPlane", "DataPlaneConfig", "DataPlaneCounters", "RoutingLoopError"]
 
@@ -482,7 +485,33 @@ class DataPlane:
                 continue
             with contextlib.suppress(OSError):  # a relay forwards segments as they come
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._spawn(self._relay_tcp(flow_key, sock, *stream), group=self._tcp_relays)
+            reader, writer = stream
+            if callable(getattr(writer, "splice", None)):  # an SSH channel: callbacks
+                relay = self._splice_tcp(flow_key, sock, writer)
+            else:  # any other stream pair: a task per direction
+                relay = self._relay_tcp(flow_key, sock, reader, writer)
+            self._spawn(relay, group=self._tcp_relays)
+
+    async def _splice_tcp(self, flow_key: FlowKey, sock: socket.socket, writer: Any) -> None:
+        """Relay one flow with :class:`SocketSplice` (same rules as :meth:`_relay_tcp`)."""
+        stats, loop = self._stats, asyncio.get_running_loop()
+        splice = SocketSplice(writer, stats, loop)
+        stats.tcp_relays_active += 1
+        stats.tcp_relays_total += 1
+        try:
+            await loop.connect_accepted_socket(lambda: splice, sock)
+            if await splice.ended is FlowEnd.CHANNEL_RESET:
+                stats.tcp_resets_to_app += 1
+        except BaseException:
+            if splice.ended.cancelled() or not splice.ended.done():
+                splice.reset()  # cancelled (the tunnel died) or the socket was unusable
+                _reset_socket(sock)
+            raise
+        finally:
+            stats.tcp_relays_active -= 1
+            if self._router is not None:
+                self._router.tcp_flow_closed(flow_key, now=self._now())
+                self._pump()
 
     async def _relay_tcp(
         self, flow_key: FlowKey, sock: socket.socket, reader: Any, writer: Any

@@ -46,6 +46,7 @@ __all__ = [
     "SocketTunnel",
     "WriteCounters",
     "suppress_empty_ignores",
+    "watch_peer_eof",
 ]
 
 #: Writes shorter than this are held for the next write. An encrypted empty IGNORE, EOF or
@@ -92,6 +93,31 @@ def suppress_empty_ignores(conn: Any, counters: WriteCounters | None = None) -> 
         original(pkttype, *args, **kwargs)
 
     setattr(conn, "send_packet", send_packet)  # noqa: B010 - mypy refuses a method assignment
+
+
+def watch_peer_eof(chan: Any, on_eof: Callable[[], None]) -> None:
+    """Call *on_eof* as soon as the peer's EOF reaches asyncssh channel *chan*, even while
+    the session has paused reading.
+
+    asyncssh holds a received EOF behind the data it holds for a paused session, and a CLOSE
+    that arrives meanwhile replaces the pending EOF: the session then gets the data, but
+    never ``eof_received``, and sees a close without EOF (which kvpn reads as a reset). The
+    peer closes right after both EOFs, so a slow reader at either end would turn an orderly
+    end into a reset and lose the data still buffered towards it. asyncssh records the EOF
+    and then calls the channel's ``_flush_recv_buf``; that method is wrapped on this one
+    channel (on an asyncssh without it, nothing is watched). *on_eof* may be called more
+    than once.
+    """
+    original = getattr(chan, "_flush_recv_buf", None)
+    if original is None or not hasattr(chan, "_recv_state"):
+        return
+
+    def flush_recv_buf(*args: Any, **kwargs: Any) -> Any:
+        if chan._recv_state == "eof_pending":
+            on_eof()
+        return original(*args, **kwargs)
+
+    setattr(chan, "_flush_recv_buf", flush_recv_buf)  # noqa: B010 - see suppress_empty_ignores
 
 
 class CoalescingTransport(asyncio.Transport):

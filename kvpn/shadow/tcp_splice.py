@@ -33,6 +33,7 @@ import asyncssh
 
 from kvpn.shadow.channel_ending import ChannelEnding, EndingEvent, EndingState
 from kvpn.shadow.dial_errors import DialFailure, classify_dial_error, format_reason
+from kvpn.shadow.ssh_wire import watch_peer_eof
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,8 @@ class TcpSplice(asyncssh.SSHTCPSession[bytes]):
         self._backlog: list[Callable[[], None]] = []  # destination events before the start
         self._channel_full = False
         self._close_when_flushed = False
+        self._eof_queued = False  # asyncssh has the client's EOF (maybe not delivered yet)
+        self._eof_delivered = False
         self.ending = ChannelEnding()
 
     # ---------------------------------------------------------------- destination side
@@ -121,6 +124,10 @@ class TcpSplice(asyncssh.SSHTCPSession[bytes]):
 
     def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
         self._chan = chan
+        watch_peer_eof(chan, self._note_eof_queued)
+
+    def _note_eof_queued(self) -> None:
+        self._eof_queued = True
 
     def session_started(self) -> None:
         self._started = True
@@ -134,6 +141,7 @@ class TcpSplice(asyncssh.SSHTCPSession[bytes]):
             self._dest.write(data)
 
     def eof_received(self) -> bool:
+        self._eof_delivered = True
         dest = self._dest
         if dest is not None and not dest.is_closing():
             dest.write_eof()
@@ -154,6 +162,9 @@ class TcpSplice(asyncssh.SSHTCPSession[bytes]):
         self._update_destination_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._eof_queued and not self._eof_delivered:
+            # the client's CLOSE overtook its EOF while we were paused (see ssh_wire)
+            self.eof_received()
         state = self.ending.handle(EndingEvent.CLOSE)
         self._chan = None
         self._backlog.clear()

@@ -43,6 +43,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from kvpn.cli.errors import UserError
+from kvpn.cluster.permissions import connect_permissions, require_permissions
+from kvpn.cluster.pod_heartbeat import PodHeartbeat
 from kvpn.cluster.shadow_pod import (
     DEFAULT_SHADOW_IMAGE,
     ShadowPodError,
@@ -79,10 +81,19 @@ from kvpn.dns.session import (
     recover_leftover_dns,
     restore_machine_dns,
 )
+from kvpn.journal_replay import (
+    cluster_ref,
+    offer_leftover_cleanup,
+    open_session_journal,
+    undo_delete_pod,
+    undo_delete_tun,
+    undo_remove_file,
+    undo_restore_dns,
+)
 from kvpn.link_supervisor import LinkConfig, LinkSupervisor
 from kvpn.routes.discovery import ClusterCidrs, discover
 from kvpn.routes.local_routes import read_local_routes_async
-from kvpn.routes.plan import RoutePlan, plan_routes
+from kvpn.routes.plan import ConflictPolicy, RoutePlan, plan_routes
 from kvpn.routes.prefixes import parse_ipv4_cidr
 from kvpn.routes.session_file import write_session
 from kvpn.session_status import (
@@ -125,6 +136,8 @@ class ConnectOptions:
     include_cidrs: tuple[str, ...] = ()
     exclude_cidrs: tuple[str, ...] = ()
     on_conflict: str = "keep"
+    journal_dir: Path | None = None  # None: kvpn.change_journal.default_journal_dir()
+    clean_leftovers: bool | None = None  # None: ask when stdin is a terminal, else tell
 
 
 def has_net_admin() -> bool:
@@ -145,6 +158,7 @@ def load_cluster(options: ConnectOptions) -> tuple[Any, str, str]:
 
     The namespace defaults to the context's own namespace, then ``default``.
     """
+    import yaml
     from kubernetes import client
     from kubernetes import config as kube_config
     from kubernetes.config.config_exception import ConfigException
@@ -167,9 +181,13 @@ def load_cluster(options: ConnectOptions) -> tuple[Any, str, str]:
         kube_config.load_kube_config(  # type: ignore[no-untyped-call]
             config_file=path, context=chosen["name"], client_configuration=configuration
         )
-    except ConfigException as exc:
-        raise UserError(f"cannot use kubeconfig {path}: {exc}") from None
-    namespace = options.namespace or chosen["context"].get("namespace") or "default"
+        namespace = options.namespace or chosen["context"].get("namespace") or "default"
+    except (ConfigException, yaml.YAMLError, OSError, ValueError, TypeError, KeyError,
+            AttributeError) as exc:  # fmt: skip
+        # not YAML, not a kubeconfig's shape, unreadable: one line, never a traceback
+        detail = " ".join(str(exc).split())
+        detail = detail if len(detail) <= 200 else detail[:197] + "..."
+        raise UserError(f"cannot use kubeconfig {path}: {detail or type(exc).__name__}") from None
     return configuration, namespace, chosen["name"]
 
 
@@ -211,6 +229,21 @@ async def plan_session_routes(
     return plan
 
 
+def check_route_options(options: ConnectOptions) -> None:
+    """Refuse a bad --on-conflict, --include-cidr or --exclude-cidr in one line."""
+    try:
+        ConflictPolicy(options.on_conflict)
+    except ValueError:
+        choices = ", ".join(p.value for p in ConflictPolicy)
+        raise UserError(
+            f"--on-conflict must be one of {choices} (got {options.on_conflict!r})"
+        ) from None
+    for text in options.include_cidrs:
+        _cidr(text, "--include-cidr")
+    for text in options.exclude_cidrs:
+        _cidr(text, "--exclude-cidr")
+
+
 def _cidr(text: str, option: str) -> ipaddress.IPv4Network:
     try:
         return parse_ipv4_cidr(text)
@@ -234,11 +267,13 @@ async def run_session(
         raise UserError("/dev/net/tun is missing: this kernel or container has no TUN support")
     if options.dns_mode not in CONNECT_DNS_MODES:
         raise UserError(f"--dns-mode must be one of {', '.join(CONNECT_DNS_MODES)}")
+    check_route_options(options)  # before anything is changed (leftovers, DNS, cluster)
     try:
         ensure_private_dir(options.state_dir / "sessions")
         ensure_private_dir(options.state_dir)
     except OSError as exc:
         raise UserError(f"cannot use the state directory {options.state_dir}: {exc}") from None
+    await offer_leftover_cleanup(options.journal_dir, out, clean=options.clean_leftovers)
     recover_dns(options, out)
     dns_mode = choose_connect_dns_mode(options)
 
@@ -248,6 +283,9 @@ async def run_session(
     api = client.ApiClient(configuration)
     core = client.CoreV1Api(api)
     out(f"connecting to {configuration.host} (context {context}, namespace {namespace})")
+    await require_permissions(
+        api, connect_permissions(namespace, options.transport), namespace=namespace
+    )
     protected = apiserver_addresses(configuration)
     try:
         cidrs = await asyncio.to_thread(discover, core, namespace)
@@ -272,9 +310,18 @@ async def run_session(
             user=getpass.getuser(),
             image=options.image or DEFAULT_SHADOW_IMAGE,
         )
-        undo.push(f"delete shadow pod {plan.name}", lambda: delete_shadow_pod(core, plan))
+        undo.journal = open_session_journal(options.journal_dir, plan.session_id, "connect")
+        cluster = cluster_ref(options.kubeconfig, context)
+        undo.push(
+            f"delete shadow pod {plan.name}",
+            lambda: delete_shadow_pod(core, plan),
+            undo_delete_pod(cluster, namespace, plan.name, plan.session_id),
+        )
         await create_shadow_pod(core, plan)
         out(f"shadow pod {namespace}/{plan.name} created")
+        heartbeat = PodHeartbeat(core, namespace, plan.name)
+        undo.push("stop the shadow pod's heartbeat", heartbeat.stop)
+        await heartbeat.start()
         ready = await wait_shadow_ready(core, plan, lambda p: out(_describe_progress(p)))
 
         transport: Transport
@@ -301,7 +348,11 @@ async def run_session(
             protected_addresses=tuple(protected),
         )
         dataplane = DataPlane(tunnel, dataplane_config)
-        undo.push(f"remove TUN {options.tun_name} and its routes", dataplane.stop)
+        undo.push(
+            f"remove TUN {options.tun_name} and its routes",
+            dataplane.stop,
+            undo_delete_tun(options.tun_name, route_plan.installed),
+        )
         await dataplane.start()
 
         dns = DnsStatus(DNS_OFF, reason="--dns-mode off")
@@ -321,7 +372,9 @@ async def run_session(
             )
 
         session_file = options.state_dir / "sessions" / f"{plan.session_id}.json"
-        undo.push("remove the session file", lambda: _remove(session_file))
+        undo.push(
+            "remove the session file", lambda: _remove(session_file), undo_remove_file(session_file)
+        )
         write_session(
             plan.session_id,
             pid=os.getpid(),
@@ -383,7 +436,9 @@ async def run_session(
             config=link_config,
         )
         supervisors.append(supervisor)
-        undo.push("remove the status file", lambda: _remove(status_file))
+        undo.push(
+            "remove the status file", lambda: _remove(status_file), undo_remove_file(status_file)
+        )
         await supervisor.run(stop)
     except (ShadowPodError, TunnelError) as exc:
         out(f"kvpn: {exc}")
@@ -515,10 +570,18 @@ async def connect_dns(
         hosts_entries=refresh.hosts_entries,
         session=session,
     )
-    undo.push("restore the DNS configuration", lambda: _restore_dns(journal, out))
+    undo.push(
+        "restore the DNS configuration",
+        lambda: _restore_dns(journal, out),
+        undo_restore_dns(journal),
+    )
     try:
         claim_dns(journal, DnsOwner.this_process(session))
         await asyncio.to_thread(apply_dns_plan, dns_plan, state_dir=journal)
+        undo.record(
+            "restore the DNS configuration (a copy that survives a reboot)",
+            undo_restore_dns(journal, keep_state=True),
+        )
     except (DnsConfigError, OSError) as exc:
         out(f"kvpn: DNS not configured: {exc}")
         return DnsStatus(DNS_OFF, reason="the system's DNS could not be changed")

@@ -46,6 +46,8 @@ from kvpn.cluster.intercept_api import (
     wait_deployment_ready,
 )
 from kvpn.cluster.locks import Identity, Lock, LockVerdict, acquire_ops, judge_lock, read_lock
+from kvpn.cluster.mesh_plan import mesh_refusal
+from kvpn.cluster.permissions import exchange_permissions, require_permissions
 from kvpn.cluster.service_ports import (
     PortForward,
     PortMatchError,
@@ -71,6 +73,14 @@ from kvpn.intercept_session import (
     start_shadow,
     until_stopped,
     wait_for_end,
+)
+from kvpn.journal_replay import (
+    cluster_ref,
+    open_session_journal,
+    undo_delete_pod,
+    undo_release_lock,
+    undo_restore_service,
+    undo_scale_back,
 )
 from kvpn.tunnel.client import ShadowTunnel
 from kvpn.tunnel.errors import TunnelError
@@ -175,6 +185,9 @@ def refuse_if_held(service: dict[str, Any], me: Identity, *, what: str = "servic
     """Refuse a Service someone holds, or that a dead session left changed."""
     meta = service.get("metadata") or {}
     label = f"{what} {meta.get('namespace')}/{meta.get('name')}"
+    meshed = mesh_refusal(service, now_utc())  # kvpn mesh (issue 7)
+    if meshed is not None:
+        raise UserError(meshed)
     annotations = annotations_of(service)
     raw, lock = read_lock(annotations)
     now = now_utc()
@@ -267,6 +280,14 @@ async def run_exchange(
         raise UserError(f"--mode must be selector or scale, not {mode_name!r}") from None
     me = Identity.of_this_process()
     async with open_cluster(options, out) as (kube, namespace, configuration):
+        by_deployment = _split_target(target_name)[0] == "deployment"
+        await require_permissions(
+            kube.api,
+            exchange_permissions(
+                namespace, scale=mode == ExchangeMode.SCALE, by_deployment=by_deployment
+            ),
+            namespace=namespace,
+        )
         try:
             target = await find_target(kube, namespace, target_name, mode)
             refuse_if_held(target.service, me)
@@ -317,6 +338,15 @@ async def _exchange(
     stop: asyncio.Event,
 ) -> int:
     ns, name = plan.namespace, plan.service
+    session = plan.lock.session
+    cluster = cluster_ref(options.kubeconfig, options.context)
+    keeper = LockKeeper(kube, ns, name, plan.lock, out)
+    # Journaled (kvpn.change_journal) before each change, so kvpn clean can undo it after
+    # a crash.
+    undo = UndoStack(journal=open_session_journal(None, session, "exchange"))
+    undo.push(
+        f"unlock service {name}", keeper.release, undo_release_lock(cluster, ns, name, session)
+    )
     try:
         await kube.patch_service(
             ns,
@@ -327,27 +357,36 @@ async def _exchange(
                 plan.lock,
             ),
         )
-    except PatchRejected:
+    except BaseException as exc:
+        undo.discard()
+        await undo.run()
+        if not isinstance(exc, PatchRejected):
+            raise
         latest = await kube.read_service(ns, name)
         if latest is not None:
             refuse_if_held(latest, Identity(plan.lock.user, plan.lock.host))
         raise UserError(f"service {ns}/{name} changed while kvpn read it; try again") from None
-    keeper = LockKeeper(kube, ns, name, plan.lock, out)
-    undo = UndoStack()
-    undo.push(f"unlock service {name}", keeper.release)
     keeper.start(options.heartbeat_seconds)
     exit_code = 0
 
     async def setup() -> ShadowTunnel:
+        pod = plan.pod.name
+        undo.push(  # start_shadow pushes its own delete too; deleting twice is harmless
+            f"delete shadow pod {pod}",
+            lambda: kube.delete_pod(ns, pod),
+            undo_delete_pod(cluster, ns, pod, session),
+        )
         tunnel = await start_shadow(kube, configuration, plan.pod, key, undo, out)
         if plan.selector is not None:
             selector = plan.selector
             undo.push(
-                f"restore the selector of service {name}", lambda: keeper.patch(selector.undo_ops)
+                f"restore the selector of service {name}",
+                lambda: keeper.patch(selector.undo_ops),
+                undo_restore_service(cluster, ns, name, session),
             )
             await keeper.patch(selector.apply_ops)
         if plan.scale is not None:
-            await _scale_down(kube, keeper, plan.scale, ns, undo, options, out)
+            await _scale_down(kube, keeper, plan.scale, ns, undo, options, out, cluster, name)
         return tunnel
 
     try:
@@ -379,10 +418,13 @@ async def _scale_down(
     undo: UndoStack,
     options: InterceptOptions,
     out: Out,
+    cluster: dict[str, str],
+    service: str,
 ) -> None:
     undo.push(
         f"forget the scaled deployment on service {keeper.lock.session}",
         lambda: keeper.patch(scale.service_undo_ops),
+        undo_restore_service(cluster, namespace, service, scale.session),
     )
     await keeper.patch(scale.service_apply_ops)
     deployment = await kube.read_deployment(namespace, scale.deployment)
@@ -401,7 +443,13 @@ async def _scale_down(
             timeout=options.ready_timeout,
         )
 
-    undo.push(f"scale deployment {scale.deployment} back", scale_back)
+    undo.push(
+        f"scale deployment {scale.deployment} back",
+        scale_back,
+        undo_scale_back(
+            cluster, namespace, scale.deployment, scale.session, scale.original_replicas
+        ),
+    )
     await kube.patch_deployment(
         namespace,
         scale.deployment,

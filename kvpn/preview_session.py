@@ -19,6 +19,7 @@ from kvpn.cli.errors import UserError
 from kvpn.cluster.exchange_plan import PREVIEW_LABEL, InterceptPodPlan, PreviewPlan
 from kvpn.cluster.intercept_api import InterceptApiError, KubeClients
 from kvpn.cluster.locks import Identity, Lock, read_lock
+from kvpn.cluster.permissions import preview_permissions, require_permissions
 from kvpn.cluster.service_ports import Exposure, PortMatchError, parse_expose, preview_forwards
 from kvpn.cluster.shadow_pod import DEFAULT_SHADOW_IMAGE, ShadowPodError, ShadowPodPlan
 from kvpn.intercept_session import (
@@ -38,6 +39,13 @@ from kvpn.intercept_session import (
     until_stopped,
     wait_for_end,
 )
+from kvpn.journal_replay import (
+    cluster_ref,
+    open_session_journal,
+    undo_delete_pod,
+    undo_delete_service,
+)
+from kvpn.tunnel.client import ShadowTunnel
 from kvpn.tunnel.errors import TunnelError
 from kvpn.tunnel.keys import new_session_key, public_key_text
 from kvpn.undo_stack import UndoStack
@@ -90,6 +98,7 @@ async def run_preview(
     me = Identity.of_this_process()
     await check_local_ports(exposures, options)
     async with open_cluster(options, out) as (kube, namespace, configuration):
+        await require_permissions(kube.api, preview_permissions(namespace), namespace=namespace)
         try:
             existing = await kube.read_service(namespace, name)
         except InterceptApiError as exc:
@@ -123,25 +132,43 @@ async def _preview(
     stop: asyncio.Event,
 ) -> int:
     ns, name = plan.namespace, plan.name
-    try:
-        created = await kube.create_service(ns, plan.service_manifest())
-    except InterceptApiError as exc:
-        raise UserError(str(exc)) from None
+    session = plan.lock.session
+    cluster = cluster_ref(options.kubeconfig, options.context)
     keeper = LockKeeper(kube, ns, name, plan.lock, out)
-    undo = UndoStack()
+    # Journaled (kvpn.change_journal) before each change, so kvpn clean can undo it after
+    # a crash.
+    undo = UndoStack(journal=open_session_journal(None, session, "preview"))
 
     async def delete_service() -> None:
         await keeper.stop()
         if not keeper.lost.is_set():
             await kube.delete_service(ns, name)
 
-    undo.push(f"delete service {name}", delete_service)
+    undo.push(
+        f"delete service {name}", delete_service, undo_delete_service(cluster, ns, name, session)
+    )
+    try:
+        created = await kube.create_service(ns, plan.service_manifest())
+    except BaseException as exc:
+        undo.discard()
+        await undo.run()
+        if isinstance(exc, InterceptApiError):
+            raise UserError(str(exc)) from None
+        raise
     keeper.start(options.heartbeat_seconds)
     exit_code = 0
-    try:
-        tunnel = await until_stopped(
-            start_shadow(kube, configuration, plan.pod, key, undo, out), stop
+
+    async def setup() -> ShadowTunnel:
+        pod = plan.pod.name
+        undo.push(  # start_shadow pushes its own delete too; deleting twice is harmless
+            f"delete shadow pod {pod}",
+            lambda: kube.delete_pod(ns, pod),
+            undo_delete_pod(cluster, ns, pod, session),
         )
+        return await start_shadow(kube, configuration, plan.pod, key, undo, out)
+
+    try:
+        tunnel = await until_stopped(setup(), stop)
         ip = (created.get("spec") or {}).get("clusterIP") or "?"
         ports = ", ".join(
             f"{f.target_port} -> {LOCAL_HOST}:{f.local_port}" for f in plan.pod.forwards

@@ -18,6 +18,7 @@ def run_connect(
     include_cidrs: tuple[str, ...] = (),
     exclude_cidrs: tuple[str, ...] = (),
     on_conflict: str = "keep",
+    clean_leftovers: bool | None = None,
 ) -> None:
     from kvpn.connect_session import ConnectOptions, run_connect_blocking
 
@@ -34,6 +35,7 @@ def run_connect(
             include_cidrs=include_cidrs,
             exclude_cidrs=exclude_cidrs,
             on_conflict=on_conflict,
+            clean_leftovers=clean_leftovers,
         )
     )
     if code:

@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 import asyncssh
 from kubernetes.client.exceptions import ApiException
 
+from kvpn.cluster.forbidden import describe_api_error
 from kvpn.shadow.agent import DEFAULT_PORT, HOST_KEY_LOG_PREFIX
 
 DEFAULT_SHADOW_IMAGE = "kvpn/shadow:0.1.0"
@@ -251,7 +252,7 @@ def parse_host_key_line(log: str) -> asyncssh.SSHKey | None:
 
 
 def _api_reason(exc: ApiException) -> str:
-    return f"{exc.status} {exc.reason}"
+    return describe_api_error(exc)
 
 
 async def create_shadow_pod(core_v1: Any, plan: ShadowPodPlan) -> None:

@@ -59,9 +59,7 @@ ExcludeCidrList = Annotated[
 ]
 
 # Commands whose issue has not landed yet: they say so and exit non-zero, never pretend.
-NOT_BUILT: dict[str, str] = {
-    "mesh": "issue 7",
-}
+NOT_BUILT: dict[str, str] = {}
 
 
 def _not_built(command: str) -> NoReturn:
@@ -107,12 +105,19 @@ def connect(
         help="A local route overlapping a cluster CIDR: keep it (default), override it with "
         "more specific routes, skip the whole cluster CIDR, or fail.",
     ),
+    clean_leftovers: bool | None = typer.Option(
+        None,
+        "--clean-leftovers/--keep-leftovers",
+        help="What crashed kvpn sessions left on this machine (and in the cluster): undo it "
+        "first, or leave it (default: ask when run in a terminal, else say so and leave it).",
+    ),
 ) -> None:
     """Connect this machine to the cluster: pod and service IPs and names become reachable.
 
     Runs in the foreground. Ctrl-C or SIGTERM undoes everything:
     DNS settings, TUN device, routes, shadow pod.
-    DNS settings left by a crashed session are restored by the next one.
+    DNS settings left by a crashed session are restored by the next one; its other
+    leftovers are listed, and undone on request (see kvpn clean).
     """
     from kvpn.cli.connect_command import run_connect
 
@@ -128,6 +133,7 @@ def connect(
         include_cidrs=tuple(include_cidr or ()),
         exclude_cidrs=tuple(exclude_cidr or ()),
         on_conflict=on_conflict,
+        clean_leftovers=clean_leftovers,
     )
 
 
@@ -182,12 +188,56 @@ def exchange(
 
 @app.command("mesh")
 def mesh(
-    service: str = typer.Argument(..., help="Service to share."),
-    expose: str = typer.Option(..., "--expose", help="LOCAL[:REMOTE][,...] ports."),
-    version_mark: str = typer.Option(None, "--version-mark", help="KEY:VALUE or VALUE."),
+    service: str = typer.Argument(..., help="Service to share with the other developers."),
+    expose: str = typer.Option(
+        ...,
+        "--expose",
+        help="LOCAL[:REMOTE][,...]: the local port that serves the marked requests to the "
+        "service's REMOTE port (a port or targetPort of the service; default: LOCAL).",
+    ),
+    version_mark: str = typer.Option(
+        None,
+        "--version-mark",
+        help="KEY:VALUE or VALUE: requests whose header KEY (default: version; "
+        "case-insensitive) equals VALUE come to this machine. Default: a random VALUE.",
+    ),
+    mode: str = typer.Option(
+        "auto",
+        "--mode",
+        help="auto (default): a router pod takes over the service and routes each HTTP "
+        "request by the header; manual: only a shadow pod carrying the service's selector "
+        "labels plus KEY=VALUE, for your own Istio VirtualService/DestinationRule.",
+    ),
+    skip_port_check: SkipPortCheck = False,
+    kubeconfig: Kubeconfig = None,
+    context: Context = None,
+    namespace: Namespace = None,
+    image: str = typer.Option(None, "--image", help="Shadow (and router) pod image."),
+    heartbeat: Heartbeat = 10.0,
 ) -> None:
-    """Send only requests carrying your header to a local port."""
-    _not_built("mesh")
+    """Send only the requests carrying your header to a local port; all others keep going
+    to the service's pods. Several developers can mesh one service, each with a mark.
+
+    Runs in the foreground; Ctrl-C or SIGTERM leaves, and the last one to leave restores
+    the service. `kvpn clean` / `kvpn recover` restore it after a crash.
+    """
+    from kvpn.cli.mesh_command import run_mesh_command
+    from kvpn.intercept_session import InterceptOptions
+
+    run_mesh_command(
+        InterceptOptions(
+            kubeconfig=kubeconfig,
+            context=context,
+            namespace=namespace,
+            image=image,
+            heartbeat_seconds=heartbeat,
+            skip_port_check=skip_port_check,
+        ),
+        service,
+        expose,
+        version_mark,
+        mode,
+    )
 
 
 @app.command("preview")
@@ -288,11 +338,13 @@ def clean(
     context: Context = None,
     namespace: Namespace = None,
 ) -> None:
-    """Undo what your dead kvpn sessions left in the cluster.
+    """Undo what your dead kvpn sessions left, on this machine and in the cluster.
 
-    Restores the services you exchanged whose heartbeat expired (selector, replicas), and
-    deletes your dead sessions' shadow pods and preview services. Live sessions, and other
-    users' sessions, are never touched.
+    First replays the change journals of your sessions that died on this machine (TUN,
+    routes, DNS, session files, shadow pods, services, replica counts, locks), newest
+    first; then restores the services you exchanged whose heartbeat expired (selector,
+    replicas), and deletes your dead sessions' shadow pods and preview services. Live
+    sessions, and other users' sessions, are never touched.
     """
     from kvpn.cli.exchange_command import run_clean_command
     from kvpn.intercept_session import InterceptOptions
@@ -327,8 +379,10 @@ def main() -> None:
     # Run as a kubectl plugin (kubectl finds `kubectl-kvpn` on PATH), usage says `kubectl kvpn`.
     invoked_as = os.path.basename(sys.argv[0]) if sys.argv else "kvpn"
     prog_name = "kubectl kvpn" if invoked_as.startswith("kubectl-") else "kvpn"
+    from kvpn.cli.one_line import run_one_line
+
     try:
-        app(prog_name=prog_name)
+        sys.exit(run_one_line(app, prog_name))  # usage mistakes: one line, not a box
     except UserError as exc:
         typer.echo(f"kvpn: {exc}", err=True)
         sys.exit(exc.exit_code)

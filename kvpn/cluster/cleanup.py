@@ -13,9 +13,16 @@ The rules (the tests in ``tests/unit/cluster/test_cleanup.py`` are the table):
   with the ``kvpn recover`` command that would restore it.
 - ``clean`` deletes this user's shadow pods whose session is dead: an exchange or preview
   pod whose Service no longer carries a live lock of its session; a ``kvpn connect`` pod
-  (no ``kvpn.dev/kind``) with no live session on this machine, once it is older than a
-  connect's start-up time (a connect still starting has no session file yet).
+  (no ``kvpn.dev/kind``) whose heartbeat (:mod:`kvpn.cluster.pod_heartbeat`) expired and
+  that no live session on this machine owns. A connect pod with a live heartbeat is kept
+  even with no session here (the same user connected from another machine). A pod without
+  a heartbeat (an older kvpn) is judged by this machine's session files, once it is older
+  than a connect's start-up time (a connect still starting has no session file yet).
 - ``clean`` deletes this user's preview Services whose heartbeat expired.
+- ``kvpn mesh`` (:mod:`kvpn.cluster.mesh_cleanup`): ``clean`` removes this user's dead
+  members and restores a mesh nobody is alive in; it deletes router pods and stand-in
+  Services (kvpn's, anyone's) whose Service records no mesh. ``recover SVC`` restores the
+  mesh unless a member is alive, and deletes an orphan router pod of SVC.
 - ``recover SVC`` restores one Service whatever its user, unless its lock is alive.
 """
 
@@ -37,12 +44,23 @@ from kvpn.cluster.exchange_plan import (
     restore_service_ops,
 )
 from kvpn.cluster.locks import Identity, Lock, LockVerdict, judge_lock, parse_time, read_lock
+from kvpn.cluster.mesh_cleanup import (  # kvpn mesh (issue 7)
+    DeleteMeshService,
+    DropMeshMembers,
+    RestoreMesh,
+    orphan_member_services,
+    orphan_router_pods,
+    orphan_standin_services,
+    plan_mesh_cleanup,
+)
+from kvpn.cluster.pod_heartbeat import HEARTBEAT_ANNOTATION, HeartbeatState, heartbeat_state
 from kvpn.cluster.shadow_pod import (
     MANAGED_BY_LABEL,
     SESSION_LABEL,
     STARTED_AT_ANNOTATION,
     USER_ANNOTATION,
 )
+from kvpn.shadow.mesh_names import ROUTER_LABEL
 
 CONNECT_STARTUP_GRACE = timedelta(seconds=180)
 PREVIEW_KIND = "preview"
@@ -111,18 +129,30 @@ class DeletePod:
     namespace: str
     name: str
     reason: str
+    what: str = "shadow pod"  # or a mesh's router pod
 
     def describe(self) -> str:
-        return f"delete shadow pod {self.namespace}/{self.name}: {self.reason}"
+        return f"delete {self.what} {self.namespace}/{self.name}: {self.reason}"
 
 
-CleanupAction = RestoreDeployment | RestoreService | DeleteService | DeletePod
+CleanupAction = (
+    RestoreDeployment
+    | RestoreService
+    | DeleteService
+    | DeletePod
+    | RestoreMesh
+    | DropMeshMembers
+    | DeleteMeshService
+)
 # Scale back first (the pods take longest), then the Service, then the leftovers.
 _ORDER: Mapping[type, int] = {
     RestoreDeployment: 0,
     RestoreService: 1,
     DeletePod: 2,
     DeleteService: 3,
+    RestoreMesh: 1,
+    DropMeshMembers: 1,
+    DeleteMeshService: 3,
 }
 
 
@@ -188,6 +218,7 @@ def plan_clean(
     live_connect_sessions: Set[str] | None = frozenset(),
 ) -> CleanupPlan:
     """``live_connect_sessions`` None: unknown (unreadable), so no connect pod is touched."""
+    services, pods = list(services), list(pods)
     b = _Builder()
     by_deployment = {_key(d): d for d in deployments}
     live_locks: dict[tuple[str, str], Lock] = {}  # (namespace, session) -> live lock
@@ -220,9 +251,79 @@ def plan_clean(
                 f"service {namespace}/{name} carries kvpn annotations but no lock; "
                 f"`kvpn recover {name} -n {namespace}` restores it"
             )
+        _clean_mesh(b, service, me=me, now=now, live_locks=live_locks)
+    _clean_orphan_member_services(b, services, me=me, live_locks=live_locks)
+    _clean_orphan_routers(b, services, pods, now=now)
     for pod in pods:
         _judge_pod(b, pod, me=me, now=now, live_locks=live_locks, live=live_connect_sessions)
     return b.plan()
+
+
+# --- kvpn mesh (issue 7): decisions in kvpn.cluster.mesh_cleanup ----------------------------
+
+
+def _clean_mesh(
+    b: _Builder,
+    service: Obj,
+    *,
+    me: Identity,
+    now: datetime,
+    live_locks: dict[tuple[str, str], Lock],
+) -> None:
+    """This user's dead mesh members go; the mesh is restored once nobody is left in it. Live
+    members count as live locks, so their shadow pods are kept."""
+    namespace, _ = _key(service)
+    mesh = plan_mesh_cleanup(service, user=me.user, now=now, on_request=False)
+    for member in mesh.live_members:
+        live_locks[(namespace, member.session)] = member.lock
+    b.actions.extend(mesh.actions)
+    b.notes.extend(mesh.notes)
+
+
+def _clean_orphan_member_services(
+    b: _Builder,
+    services: Iterable[Obj],
+    *,
+    me: Identity,
+    live_locks: Mapping[tuple[str, str], Lock],
+) -> None:
+    already = {
+        (a.namespace, s)
+        for a in b.actions
+        if isinstance(a, RestoreMesh)
+        for s in a.restore.member_services
+    }
+    already |= {
+        (a.namespace, s)
+        for a in b.actions
+        if isinstance(a, DropMeshMembers)
+        for s in a.member_services
+    }
+    for action in orphan_member_services(list(services), set(live_locks), user=me.user):
+        if (action.namespace, action.name) not in already:
+            b.actions.append(action)
+
+
+def _clean_orphan_routers(
+    b: _Builder, services: list[Obj], pods: list[Obj], *, now: datetime
+) -> None:
+    """Router pods and stand-in Services (kvpn's, whoever's) of Services with no mesh."""
+    for orphan in orphan_router_pods(services, pods, now=now):
+        b.actions.append(DeletePod(orphan.namespace, orphan.name, orphan.reason, "mesh router pod"))
+    b.actions.extend(orphan_standin_services(services, now=now))
+
+
+def _recover_mesh(b: _Builder, service: Obj, *, me: Identity, now: datetime) -> frozenset[str]:
+    """Restore a mesh whoever's it was, unless a member is alive; the members removed."""
+    mesh = plan_mesh_cleanup(service, user=me.user, now=now, on_request=True)
+    if mesh.refusal is not None:
+        raise RecoverRefused(mesh.refusal)
+    b.actions.extend(mesh.actions)
+    b.notes.extend(mesh.notes)
+    return mesh.dead_sessions
+
+
+# --- end kvpn mesh ----------------------------------------------------------------------------
 
 
 def _judge_pod(
@@ -250,13 +351,27 @@ def _judge_pod(
             DeletePod(namespace, name, f"its {kind} of {service} (session {session}) is over")
         )
         return
+    if live is not None and session in live:
+        return
+    beat = heartbeat_state(annotations, now)
+    if beat == HeartbeatState.ALIVE:
+        return  # a live session, maybe on another machine: never touched
+    if beat == HeartbeatState.EXPIRED:
+        when = annotations.get(HEARTBEAT_ANNOTATION, "?")
+        b.actions.append(
+            DeletePod(
+                namespace,
+                name,
+                f"its kvpn connect session {session} stopped heartbeating at {when}",
+            )
+        )
+        return
+    # No (readable) heartbeat: a pod of an older kvpn, or of a connect still starting.
     if live is None:
         b.notes.append(
             f"shadow pod {namespace}/{name} of kvpn connect kept: this machine's session "
             "files are not readable (run kvpn clean as the user who ran kvpn connect)"
         )
-        return
-    if session in live:
         return
     started = parse_time(annotations.get(STARTED_AT_ANNOTATION, ""))
     if started is not None and now - started < CONNECT_STARTUP_GRACE:
@@ -279,6 +394,7 @@ def plan_recover(
     """Restore one Service, whoever changed it, unless a live session holds it."""
     if service is None:
         raise RecoverRefused(f"service {namespace}/{name} not found")
+    pods = list(pods)
     b = _Builder()
     annotations = _annotations(service)
     raw, lock = read_lock(annotations)
@@ -289,14 +405,19 @@ def plan_recover(
             f"service {namespace}/{name} is held by a live session: {lock.describe(now)}; "
             f"stop that session (Ctrl-C), or retry once its heartbeat has expired (in {wait}s)"
         )
+    mesh_sessions = _recover_mesh(b, service, me=me, now=now)  # kvpn mesh (issue 7)
+    if not any(isinstance(a, RestoreMesh) for a in b.actions):  # kvpn mesh: a router left
+        routers = [p for p in pods if _labels(p).get(ROUTER_LABEL) == name]
+        for orphan in orphan_router_pods([service], routers, now=now):
+            b.actions.append(DeletePod(namespace, orphan.name, orphan.reason, "mesh router pod"))
     if lock is not None and lock.kind == PREVIEW_KIND:
         b.actions.append(DeleteService(namespace, name, f"preview of dead session {lock.session}"))
     elif raw is not None or _has_leftovers(annotations):
         reason = "on request" + (f" (was: {lock.describe(now)})" if lock else "")
         _restore_exchange(b, service, {_key(d): d for d in deployments}, reason)
-    else:
+    elif not b.actions:
         b.notes.append(f"service {namespace}/{name} carries no kvpn changes")
-    sessions = {lock.session} if lock is not None else set()
+    sessions = ({lock.session} if lock is not None else set()) | mesh_sessions
     for pod in pods:
         pns, pname = _key(pod)
         labels, pod_annotations = _labels(pod), _annotations(pod)

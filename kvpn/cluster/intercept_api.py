@@ -24,6 +24,8 @@ from kvpn.cluster.cleanup import (
     RestoreDeployment,
     RestoreService,
 )
+from kvpn.cluster.forbidden import describe_api_error
+from kvpn.cluster.mesh_cleanup import DeleteMeshService, DropMeshMembers, RestoreMesh
 
 Obj = dict[str, Any]
 
@@ -37,7 +39,8 @@ class PatchRejected(InterceptApiError):
 
 
 def api_reason(exc: ApiException) -> str:
-    return f"{exc.status} {exc.reason}".strip()
+    """``404 Not Found``; a 403 names the refused permission (kvpn.cluster.forbidden)."""
+    return describe_api_error(exc)
 
 
 @dataclass(frozen=True)
@@ -187,6 +190,31 @@ class KubeClients:
             ) from None
         return True
 
+    # --- kvpn mesh (issue 7) -------------------------------------------------------------
+
+    async def read_pod(self, namespace: str, name: str) -> Obj | None:
+        try:
+            obj = await asyncio.to_thread(self.core.read_namespaced_pod, name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise InterceptApiError(
+                f"cannot read pod {namespace}/{name}: {api_reason(exc)}"
+            ) from None
+        return self.to_dict(obj)
+
+    async def read_pod_log(self, namespace: str, name: str, *, tail_lines: int = 20) -> str:
+        """The last lines of a pod's log; "" when it cannot be read."""
+        try:
+            log = await asyncio.to_thread(
+                self.core.read_namespaced_pod_log, name, namespace, tail_lines=tail_lines
+            )
+        except ApiException:
+            return ""
+        return str(log or "").strip()
+
+    # --- end kvpn mesh ---------------------------------------------------------------------
+
     async def delete_pod(self, namespace: str, name: str) -> bool:
         try:
             await asyncio.to_thread(
@@ -267,11 +295,47 @@ async def _delete_service(
     await kube.delete_service(action.namespace, action.name)
 
 
+# --- kvpn mesh (issue 7) -----------------------------------------------------------------
+
+
+async def _restore_mesh(
+    kube: KubeClients, action: RestoreMesh, out: Callable[[str], None], timeout: float
+) -> None:
+    """Selector first (so no request reaches a deleted router), then the mesh's objects."""
+    await kube.patch_service(action.namespace, action.name, list(action.ops))
+    restore = action.restore
+    await kube.delete_pod(action.namespace, restore.router)
+    await kube.delete_service(action.namespace, restore.standin)
+    for name in restore.member_services:
+        await kube.delete_service(action.namespace, name)
+
+
+async def _drop_mesh_members(
+    kube: KubeClients, action: DropMeshMembers, out: Callable[[str], None], timeout: float
+) -> None:
+    if action.ops:
+        await kube.patch_service(action.namespace, action.name, list(action.ops))
+    for name in action.member_services:
+        await kube.delete_service(action.namespace, name)
+
+
+async def _delete_mesh_service(
+    kube: KubeClients, action: DeleteMeshService, out: Callable[[str], None], timeout: float
+) -> None:
+    await kube.delete_service(action.namespace, action.name)
+
+
+# --- end kvpn mesh ---------------------------------------------------------------------------
+
+
 _APPLY: Mapping[type, Callable[..., Awaitable[None]]] = {
     RestoreDeployment: _restore_deployment,
     RestoreService: _restore_service,
     DeletePod: _delete_pod,
     DeleteService: _delete_service,
+    RestoreMesh: _restore_mesh,
+    DropMeshMembers: _drop_mesh_members,
+    DeleteMeshService: _delete_mesh_service,
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -24,6 +25,9 @@ from kvpn.cluster.exchange_plan import (
     SCALED_DEPLOYMENT_ANNOTATION,
 )
 from kvpn.cluster.locks import LOCK_ANNOTATION, Identity, Lock, format_time
+from kvpn.cluster.mesh_cleanup import ORPHAN_GRACE
+from kvpn.cluster.mesh_plan import MESH_SERVICE_LABEL
+from kvpn.shadow.mesh_names import MESH_ANNOTATION, ROUTER_LABEL
 
 T0 = datetime(2026, 11, 25, 19, 30, 0, tzinfo=UTC)
 LATER = T0 + timedelta(seconds=60)  # every lock written at T0 (ttl 30 s) has expired
@@ -312,3 +316,146 @@ def test_recover_with_a_malformed_lock_restores() -> None:
     }
     assert isinstance(plan.actions[0], RestoreService)
     assert not any(isinstance(a, DeletePod) for a in plan.actions)
+
+
+# --- kvpn mesh: router pods and stand-in Services of no mesh (orphans) ----------------------
+
+KVPN = {"app.kubernetes.io/managed-by": "kvpn"}
+MESH_STATE = json.dumps(
+    {"router": "kvpn-router-echo", "standin": "echo-kvpn-standin", "header": "version",
+     "originalSelector": {"app": "echo"}, "ports": ["8080/TCP"], "since": format_time(T0)}
+)  # fmt: skip
+
+
+def service(name: str = "echo", *, mesh: str | None = None) -> dict[str, Any]:
+    """The Service; ``mesh``: its ``kvpn.dev/mesh``, with one of bob's members, alive."""
+    if mesh is None:
+        return obj(name, annotations={})
+    member = json.loads(lock(BOB, "b1", kind="mesh", at=LATER + ORPHAN_GRACE))
+    member.update(mode="auto", mark="bravo")
+    return obj(
+        name,
+        annotations={MESH_ANNOTATION: mesh, "kvpn.dev/mesh-member.b1": json.dumps(member)},
+    )
+
+
+def router(service: str = "echo", *, labels: dict[str, str] = KVPN, **extra: Any) -> dict[str, Any]:
+    return obj(
+        f"kvpn-router-{service}",
+        labels={**labels, ROUTER_LABEL: service},
+        annotations={"kvpn.dev/service": service},
+        creationTimestamp=format_time(T0),
+        **extra,
+    )
+
+
+def standin(
+    service: str = "echo", *, labels: dict[str, str] = KVPN, **extra: Any
+) -> dict[str, Any]:
+    meta = {"creationTimestamp": "2026-11-25T19:30:00+00:00", **extra}  # as the client says it
+    return obj(f"{service}-kvpn-standin", labels={**labels, MESH_SERVICE_LABEL: service}, **meta)
+
+
+ORPHAN_CASES = [
+    # services (the meshed Service and the stand-in), router pods, now, expected actions
+    (
+        "a router pod and stand-in of an unmeshed service go",
+        [service(), standin()],
+        [router()],
+        LATER + ORPHAN_GRACE,
+        [("DeletePod", "kvpn-router-echo"), ("DeleteMeshService", "echo-kvpn-standin")],
+    ),
+    (
+        "a router pod and stand-in of a service that is gone go",
+        [standin()],
+        [router()],
+        LATER + ORPHAN_GRACE,
+        [("DeletePod", "kvpn-router-echo"), ("DeleteMeshService", "echo-kvpn-standin")],
+    ),
+    (
+        "a live mesh keeps its router and stand-in",
+        [service(mesh=MESH_STATE), standin()],
+        [router()],
+        LATER + ORPHAN_GRACE,
+        [],
+    ),
+    (
+        "an unreadable mesh annotation still counts as a mesh",
+        [service(mesh="garbage"), standin()],
+        [router()],
+        LATER + ORPHAN_GRACE,
+        [],
+    ),
+    (
+        "young ones may belong to a mesh being created",
+        [service(), standin()],
+        [router()],
+        T0 + ORPHAN_GRACE - timedelta(seconds=1),
+        [],
+    ),
+    (
+        "objects kvpn did not create are never touched",
+        [service(), standin(labels={})],
+        [router(labels={"app.kubernetes.io/managed-by": "helm"})],
+        LATER + ORPHAN_GRACE,
+        [],
+    ),
+    (
+        "a router pod already being deleted is skipped",
+        [service()],
+        [router(deletionTimestamp=format_time(T0))],
+        LATER + ORPHAN_GRACE,
+        [],
+    ),
+    (
+        "without a creation time nothing is judged orphan",
+        [service(), obj("echo-kvpn-standin", labels={**KVPN, MESH_SERVICE_LABEL: "echo"})],
+        [obj("kvpn-router-echo", labels={**KVPN, ROUTER_LABEL: "echo"})],
+        LATER + ORPHAN_GRACE,
+        [],
+    ),
+    (
+        "a member service (it has a session) is not a stand-in",
+        [service(), standin(labels={**KVPN, "kvpn.dev/session": "s1"})],
+        [],
+        LATER + ORPHAN_GRACE,
+        [],
+    ),
+    (
+        "the same service name in another namespace does not count",
+        [{**service(mesh=MESH_STATE),
+          "metadata": {**service(mesh=MESH_STATE)["metadata"], "namespace": "other"}}],
+        [router()],
+        LATER + ORPHAN_GRACE,
+        [("DeletePod", "kvpn-router-echo")],
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("why", "services", "pods", "now", "expected"), ORPHAN_CASES, ids=[c[0] for c in ORPHAN_CASES]
+)
+def test_clean_orphan_mesh_objects(
+    why: str, services: list[Any], pods: list[Any], now: datetime, expected: list[tuple[str, str]]
+) -> None:
+    plan = plan_clean(services, pods, [], me=ME, now=now, live_connect_sessions=set())
+    assert kinds(plan) == expected
+    text = "\n".join(plan.describe())
+    if expected:
+        assert "delete mesh router pod default/kvpn-router-echo: service default/echo" in text
+    if ("DeleteMeshService", "echo-kvpn-standin") in expected:
+        assert "delete stand-in service default/echo-kvpn-standin" in text
+
+
+def test_recover_deletes_an_orphan_router_of_its_service_only() -> None:
+    pods = [router(), router("other")]
+    plan = plan_recover(
+        service(), [], pods, namespace="default", name="echo", me=ME, now=LATER + ORPHAN_GRACE
+    )
+    assert kinds(plan) == [("DeletePod", "kvpn-router-echo")]
+    assert plan.notes == ()
+    later = LATER + ORPHAN_GRACE + timedelta(minutes=10)  # bob's member is dead by then
+    meshed = plan_recover(
+        service(mesh=MESH_STATE), [], pods, namespace="default", name="echo", me=ME, now=later
+    )
+    assert kinds(meshed) == [("RestoreMesh", "echo")]  # it deletes the router itself

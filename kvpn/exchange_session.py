@@ -4,7 +4,7 @@ Theory of operation. Everything the session will change is planned first
 (:mod:`kvpn.cluster.exchange_plan`) from what was read, and refused before any write if the
 Service is held by someone else, the ports do not match, or nothing listens locally. Then,
 each step registering its undo before it runs (undone newest first on Ctrl-C, SIGTERM, a
-lost tunnel, a lost lock or any failure):
+lost lock or any failure):
 
 1. take the Service's lock (``kvpn.dev/lock``) and keep its heartbeat
    (:class:`kvpn.intercept_session.LockKeeper`);
@@ -13,6 +13,9 @@ lost tunnel, a lost lock or any failure):
 3. selector mode: replace the Service's selector with the shadow pod's unique label;
    scale mode: scale the Deployment to zero (the shadow pod carries the workload's labels);
    on undo the Deployment is scaled back and kvpn waits, bounded, until it is ready again.
+
+A lost tunnel is not an end: the session reconnects, recreating the shadow pod if it is gone
+(:func:`kvpn.intercept_session.supervise`); the Service keeps pointing at the pod's labels.
 """
 
 from __future__ import annotations
@@ -59,10 +62,12 @@ from kvpn.cluster.service_ports import (
 from kvpn.cluster.shadow_pod import DEFAULT_SHADOW_IMAGE, ShadowPodError, ShadowPodPlan
 from kvpn.intercept_session import (
     LOCAL_HOST,
+    InterceptLink,
     InterceptOptions,
     LockKeeper,
     LockLost,
     Out,
+    SessionFacts,
     StoppedWhileStarting,
     agent_port,
     annotations_of,
@@ -71,8 +76,8 @@ from kvpn.intercept_session import (
     now_utc,
     open_cluster,
     start_shadow,
+    supervise,
     until_stopped,
-    wait_for_end,
 )
 from kvpn.journal_replay import (
     cluster_ref,
@@ -82,7 +87,6 @@ from kvpn.journal_replay import (
     undo_restore_service,
     undo_scale_back,
 )
-from kvpn.tunnel.client import ShadowTunnel
 from kvpn.tunnel.errors import TunnelError
 from kvpn.tunnel.keys import new_session_key, public_key_text
 from kvpn.undo_stack import UndoStack
@@ -369,14 +373,14 @@ async def _exchange(
     keeper.start(options.heartbeat_seconds)
     exit_code = 0
 
-    async def setup() -> ShadowTunnel:
+    async def setup() -> InterceptLink:
         pod = plan.pod.name
         undo.push(  # start_shadow pushes its own delete too; deleting twice is harmless
             f"delete shadow pod {pod}",
             lambda: kube.delete_pod(ns, pod),
             undo_delete_pod(cluster, ns, pod, session),
         )
-        tunnel = await start_shadow(kube, configuration, plan.pod, key, undo, out)
+        link = await start_shadow(kube, configuration, plan.pod, key, undo, out)
         if plan.selector is not None:
             selector = plan.selector
             undo.push(
@@ -387,16 +391,24 @@ async def _exchange(
             await keeper.patch(selector.apply_ops)
         if plan.scale is not None:
             await _scale_down(kube, keeper, plan.scale, ns, undo, options, out, cluster, name)
-        return tunnel
+        return link
 
     try:
-        tunnel = await until_stopped(setup(), stop)
+        link = await until_stopped(setup(), stop)
         ports = ", ".join(f"{f.target_port} -> {LOCAL_HOST}:{f.local_port}" for f in plan.forwards)
         out(
             f"exchanged: service {ns}/{name} now reaches this machine (port {ports}; "
             f"mode {plan.mode.value}, shadow {ns}/{plan.pod.name}); Ctrl-C restores it"
         )
-        exit_code = await wait_for_end(tunnel, keeper, stop, out)
+        facts = SessionFacts(
+            "exchange",
+            session,
+            ns,
+            name,
+            mode=plan.mode.value,
+            ports=tuple(f"{f.target_port} -> {LOCAL_HOST}:{f.local_port}" for f in plan.forwards),
+        )
+        exit_code = await supervise(link, keeper, stop, out, undo=undo, facts=facts)
     except StoppedWhileStarting:
         out("stopped while starting")
     except (ShadowPodError, TunnelError, InterceptApiError, LockLost) as exc:

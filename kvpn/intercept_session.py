@@ -6,18 +6,34 @@ The shadow pod is reached through the API server's port-forward (no root needed,
 (``tcpip-forward``, :func:`kvpn.shadow.agent.remote_forward_refusal`); every connection it
 accepts comes back as a ``forwarded-tcpip`` channel that asyncssh connects to
 ``localhost:LOCAL``. Each step registers its undo before it runs.
+
+Reconnect (issue 9): once up, the session is kept up by the same
+:class:`kvpn.link_supervisor.LinkSupervisor` as ``kvpn connect`` (:func:`supervise`). SSH
+keepalives (2 s x 3) notice a dead tunnel; each reconnect attempt first refreshes the
+session's lock or mesh membership (a session that somebody recovered while this process was
+stopped must not bring its pod back: the lost lock ends it, leaving the Service as it is),
+then :class:`kvpn.shadow_link.ShadowLink` dials a new port-forward to the same pod -
+recreating it from the same manifest and key if it is gone - and :meth:`InterceptLink.serve`
+listens on every target port again and re-applies the serving labels. The Service is not
+touched meanwhile: it selects the pod's labels, which a recreated pod carries again. The
+session writes a status file like ``kvpn connect`` (:mod:`kvpn.session_status`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 import sys
+import tempfile
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
 
 import asyncssh
 
@@ -28,7 +44,18 @@ from kvpn.cluster.locks import DEFAULT_HEARTBEAT_SECONDS, Lock, refresh_ops, rel
 from kvpn.cluster.service_ports import Exposure, PortForward
 from kvpn.cluster.shadow_pod import wait_shadow_ready
 from kvpn.connect_session import ConnectOptions, load_cluster
+from kvpn.dns.session import DnsOwner
+from kvpn.journal_replay import undo_remove_file
+from kvpn.link_supervisor import LinkConfig, LinkSupervisor, NoDataPlane
+from kvpn.session_status import (
+    SessionStatus,
+    ensure_private_dir,
+    status_path,
+    user_state_dir,
+    write_status,
+)
 from kvpn.shadow.agent import DEFAULT_PORT
+from kvpn.shadow_link import ShadowLink
 from kvpn.tunnel.client import ShadowTunnel
 from kvpn.tunnel.errors import TunnelError
 from kvpn.tunnel.transport import PortForwardTransport
@@ -37,6 +64,7 @@ from kvpn.undo_stack import UndoStack
 LOCAL_HOST = "localhost"
 Out = Callable[[str], None]
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -102,15 +130,16 @@ class LockKeeper:
 
     async def patch(self, build: Callable[[Lock], list[dict[str, Any]]]) -> dict[str, Any]:
         async with self._mutex:
-            if self.lost.is_set():
-                raise LockLost(self._lost_message())
-            try:
-                return await self._kube.patch_service(
-                    self._namespace, self._service, build(self.lock)
-                )
-            except PatchRejected:
-                self.lost.set()
-                raise LockLost(self._lost_message()) from None
+            return await self._patch_held(build)
+
+    async def _patch_held(self, build: Callable[[Lock], list[dict[str, Any]]]) -> dict[str, Any]:
+        if self.lost.is_set():
+            raise LockLost(self._lost_message())
+        try:
+            return await self._kube.patch_service(self._namespace, self._service, build(self.lock))
+        except PatchRejected:
+            self.lost.set()
+            raise LockLost(self._lost_message()) from None
 
     def _lost_message(self) -> str:
         return (
@@ -119,10 +148,12 @@ class LockKeeper:
         )
 
     async def refresh(self) -> None:
-        new = self.lock.refreshed(now_utc())
-        old = self.lock
-        await self.patch(lambda _: refresh_ops(old, new))
-        self.lock = new
+        """Rewrite the heartbeat, testing the lock last written (the heartbeat task and a
+        reconnect attempt may both refresh: the mutex keeps the old value they test exact)."""
+        async with self._mutex:
+            new = self.lock.refreshed(now_utc())
+            await self._patch_held(lambda old: refresh_ops(old, new))
+            self.lock = new
 
     def start(self, interval: float) -> None:
         self._task = asyncio.ensure_future(self._run(interval))
@@ -178,6 +209,117 @@ async def open_cluster(
         kube.close()
 
 
+#: how often the agent of an intercept pod checks that its client is alive (4 unanswered:
+#: gone). After a silent outage (the laptop offline or asleep) the new tunnel can listen on
+#: the target ports only once the agent has dropped the old one: 20 s, not its default 60 s.
+AGENT_KEEPALIVE_SECONDS = 5
+
+
+def intercept_manifest(pod: InterceptPodPlan) -> dict[str, Any]:
+    """The pod's manifest, with the agent told to notice a dead client sooner."""
+    manifest = pod.manifest()
+    env = manifest["spec"]["containers"][0].setdefault("env", [])
+    env.append({"name": "KVPN_KEEPALIVE_INTERVAL", "value": str(AGENT_KEEPALIVE_SECONDS)})
+    return manifest
+
+
+class Keeper(Protocol):
+    """A session's claim on its Service (:class:`LockKeeper`, or a mesh member's keeper)."""
+
+    lost: asyncio.Event
+
+    async def refresh(self) -> None: ...
+
+
+class InterceptLink:
+    """The SSH tunnel to an intercept session's shadow pod, with its remote forwards.
+
+    The first tunnel is opened by :meth:`connect_first` (from :func:`start_shadow`); later
+    ones by ``link.connect()`` (:class:`~kvpn.shadow_link.ShadowLink`: the same pod, or the
+    same pod created again). :meth:`serve` runs on each: listen on every target port, then
+    add the serving labels."""
+
+    def __init__(
+        self,
+        kube: KubeClients,
+        configuration: Any,
+        pod: InterceptPodPlan,
+        key: asyncssh.SSHKey,
+        host_key: asyncssh.SSHKey,
+        out: Out,
+        config: LinkConfig,
+    ) -> None:
+        self._kube = kube
+        self._configuration = configuration
+        self._key = key
+        self._host_key = host_key
+        self.pod = pod
+        self.config = config
+        self.link = ShadowLink(
+            kube.core,
+            configuration,
+            pod.shadow,
+            client_key=key,
+            host_key=host_key,
+            transport="portforward",
+            direct_peer=None,
+            out=out,
+            keepalive_interval=config.keepalive_interval,
+            keepalive_count_max=config.keepalive_count_max,
+            manifest=intercept_manifest(pod),
+            after_connect=self.serve,
+        )
+        self.first: ShadowTunnel | None = None
+        self.supervisor: LinkSupervisor | None = None
+
+    @property
+    def tunnel(self) -> ShadowTunnel | None:
+        """The tunnel in use (None before the first one)."""
+        if self.supervisor is not None:
+            tunnel = self.supervisor.tunnel
+            return tunnel if isinstance(tunnel, ShadowTunnel) else self.first
+        return self.first
+
+    async def connect_first(self) -> ShadowTunnel:
+        pod = self.pod
+        transport = PortForwardTransport(
+            self._configuration, pod.namespace, pod.name, pod.shadow.port
+        )
+        tunnel = await ShadowTunnel.connect(
+            transport,
+            client_key=self._key,
+            host_key=self._host_key,
+            keepalive_interval=self.config.keepalive_interval,
+            keepalive_count_max=self.config.keepalive_count_max,
+        )
+        self.first = tunnel
+        await self.serve(tunnel)
+        return tunnel
+
+    async def serve(self, tunnel: ShadowTunnel) -> None:
+        pod = self.pod
+        for forward in pod.forwards:
+            try:
+                await tunnel.connection.forward_remote_port(
+                    "0.0.0.0", forward.target_port, LOCAL_HOST, forward.local_port
+                )
+            except asyncssh.ChannelListenError as exc:
+                # after a reconnect: the agent may still hold the old connection's listener
+                # until it notices that connection is gone (the next attempt tries again)
+                raise TunnelError(
+                    f"the shadow agent cannot listen on port {forward.target_port}: {exc}"
+                ) from None
+        if pod.serving_labels:
+            await self._kube.patch_pod(pod.namespace, pod.name, pod.serving_patch())
+
+    async def close(self) -> None:
+        """Close the tunnel in use (an undo step)."""
+        if self.supervisor is not None:
+            await self.supervisor.close_tunnel()
+        elif self.first is not None:
+            await self.first.close()
+
+
 async def start_shadow(
     kube: KubeClients,
     configuration: Any,
@@ -185,29 +327,20 @@ async def start_shadow(
     key: asyncssh.SSHKey,
     undo: UndoStack,
     out: Out,
-) -> ShadowTunnel:
+    *,
+    config: LinkConfig | None = None,
+) -> InterceptLink:
     """Create the shadow pod, connect to it, and listen on every forward's target port."""
     undo.push(f"delete shadow pod {pod.name}", lambda: kube.delete_pod(pod.namespace, pod.name))
-    await kube.create_pod(pod.namespace, pod.manifest())
+    await kube.create_pod(pod.namespace, intercept_manifest(pod))
     out(f"shadow pod {pod.namespace}/{pod.name} created")
     ready = await wait_shadow_ready(
         kube.core, pod.shadow, lambda p: out(f"shadow pod: {p.describe()}")
     )
-    transport = PortForwardTransport(configuration, pod.namespace, pod.name, pod.shadow.port)
-    tunnel = await ShadowTunnel.connect(transport, client_key=key, host_key=ready.host_key)
-    undo.push("close the SSH tunnel", tunnel.close)
-    for forward in pod.forwards:
-        try:
-            await tunnel.connection.forward_remote_port(
-                "0.0.0.0", forward.target_port, LOCAL_HOST, forward.local_port
-            )
-        except asyncssh.ChannelListenError as exc:
-            raise TunnelError(
-                f"the shadow agent cannot listen on port {forward.target_port}: {exc}"
-            ) from None
-    if pod.serving_labels:
-        await kube.patch_pod(pod.namespace, pod.name, pod.serving_patch())
-    return tunnel
+    link = InterceptLink(kube, configuration, pod, key, ready.host_key, out, config or LinkConfig())
+    undo.push("close the SSH tunnel", link.close)
+    await link.connect_first()
+    return link
 
 
 class StoppedWhileStarting(Exception):
@@ -230,20 +363,163 @@ async def until_stopped(work: Awaitable[T], stop: asyncio.Event) -> T:
     raise StoppedWhileStarting()
 
 
-async def wait_for_end(
-    tunnel: ShadowTunnel, keeper: LockKeeper, stop: asyncio.Event, out: Out
+@dataclass(frozen=True)
+class SessionFacts:
+    """What ``kvpn status`` says about an intercept session besides its link."""
+
+    kind: str  # exchange, preview, mesh
+    session: str
+    namespace: str
+    service: str
+    mode: str = ""
+    mark: str = ""
+    ports: tuple[str, ...] = ()
+    state_dir: Path | None = None  # None: user_state_dir()
+
+    def record(self, shadow_pod: str) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "session": self.session,
+            "kind": self.kind,
+            "namespace": self.namespace,
+            "service": f"{self.namespace}/{self.service}",
+            "mode": self.mode,
+            "mark": self.mark,
+            "ports": list(self.ports),
+            "shadow_pod": shadow_pod,
+            "transport": "portforward",
+        }
+
+
+class StatusFiles:
+    """``<state>/sessions/<id>.json`` and ``<id>.status.json`` of one intercept session."""
+
+    def __init__(self, sessions_dir: Path, facts: SessionFacts) -> None:
+        self.record_path = sessions_dir / f"{facts.session}.json"
+        self.status_path = status_path(sessions_dir, facts.session)
+        self._facts = facts
+
+    def write_record(self, shadow_pod: str) -> None:
+        fd, temp = tempfile.mkstemp(
+            dir=self.record_path.parent, prefix=f".{self.record_path.name}.", suffix=".tmp"
+        )
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self._facts.record(shadow_pod), f, indent=1)
+            os.replace(temp, self.record_path)
+        except BaseException:
+            Path(temp).unlink(missing_ok=True)
+            raise
+
+    def publish(self, supervisor: LinkSupervisor, link: InterceptLink) -> None:
+        snapshot = supervisor.snapshot()
+        mono = asyncio.get_running_loop().time()
+        wall = time.time()
+        facts = self._facts
+        status = SessionStatus(
+            session=facts.session,
+            pid=os.getpid(),
+            pid_start=DnsOwner.this_process(facts.session).started,
+            state=snapshot.state.value,
+            since=wall - (mono - snapshot.since),
+            updated_at=wall,
+            reason=snapshot.reason,
+            last_error=snapshot.last_error,
+            reconnect_attempts=snapshot.attempts,
+            reconnects=snapshot.reconnects,
+            last_outage_s=snapshot.last_outage,
+            next_attempt_at=(
+                None if snapshot.next_attempt is None else wall + (snapshot.next_attempt - mono)
+            ),
+            shadow_pod=f"{link.pod.namespace}/{link.pod.name}",
+            pods_recreated=link.link.pods_recreated,
+            transport="portforward",
+            kind=facts.kind,
+            service=f"{facts.namespace}/{facts.service}",
+            mode=facts.mode,
+            mark=facts.mark,
+            ports=facts.ports,
+        )
+        try:
+            write_status(self.status_path, status)
+        except OSError as exc:
+            log.warning("cannot write the status file %s: %s", self.status_path, exc)
+
+    async def remove(self) -> None:
+        for path in (self.status_path, self.record_path):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+
+def open_status_files(facts: SessionFacts, link: InterceptLink, out: Out) -> StatusFiles | None:
+    """The session's files, the record written; None (said once) when the state directory
+    cannot be used: the session runs on without them."""
+    sessions_dir = (facts.state_dir or user_state_dir()) / "sessions"
+    try:
+        ensure_private_dir(sessions_dir)
+        ensure_private_dir(sessions_dir.parent)
+        files = StatusFiles(sessions_dir, facts)
+        files.write_record(f"{link.pod.namespace}/{link.pod.name}")
+    except OSError as exc:
+        out(f"note: no status for kvpn status: cannot use {sessions_dir}: {exc}")
+        return None
+    return files
+
+
+async def _first_of(*events: asyncio.Event) -> None:
+    waits = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
+
+
+async def supervise(
+    link: InterceptLink,
+    keeper: Keeper,
+    stop: asyncio.Event,
+    out: Out,
+    *,
+    undo: UndoStack,
+    facts: SessionFacts,
+    lost: str = "the lock was lost",
+    verb: str = "restoring",
 ) -> int:
-    waits = {
-        asyncio.ensure_future(tunnel.wait_closed()): "the tunnel to the shadow pod closed",
-        asyncio.ensure_future(keeper.lost.wait()): "the lock was lost",
-        asyncio.ensure_future(stop.wait()): "",
-    }
-    done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-    for fut in waits:
-        fut.cancel()
+    """Keep the tunnel up (reconnecting as long as it takes) until ``stop`` (0) or the lock
+    or membership is lost (1, after saying ``lost``; ``verb``)."""
+    tunnel = link.tunnel
+    if tunnel is None:
+        raise TunnelError("no tunnel to the shadow pod")
+
+    async def reconnect() -> ShadowTunnel:
+        await keeper.refresh()  # raises LockLost (and sets keeper.lost) if it is not ours
+        return await link.link.connect()
+
+    files = open_status_files(facts, link, out)
+    if files is not None:  # one step removes both: the record's journal entry goes last
+        undo.record("write the status file", undo_remove_file(files.status_path))
+        undo.push("remove the session files", files.remove, undo_remove_file(files.record_path))
+
+    def publish() -> None:
+        if files is not None and link.supervisor is not None:
+            files.publish(link.supervisor, link)
+
+    supervisor = LinkSupervisor(
+        NoDataPlane(), tunnel, reconnect, out=out, publish=publish, config=link.config
+    )
+    link.supervisor = supervisor
+    end = asyncio.Event()
+    watcher = asyncio.ensure_future(_first_of(stop, keeper.lost))
+    watcher.add_done_callback(lambda _: end.set())
+    try:
+        await supervisor.run(end)
+    finally:
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
     if stop.is_set():
         return 0
-    out(f"{waits[next(iter(done))]}; restoring")
+    out(f"{lost}; {verb}")
     return 1
 
 

@@ -2,8 +2,9 @@
 
 Theory of operation
 -------------------
-A ``kvpn connect`` session keeps its TUN device, routes and DNS for its whole life; only the
-SSH tunnel under them can die (the port-forward drops, the pod is deleted, the laptop slept).
+A ``kvpn connect`` session keeps its TUN device, routes and DNS for its whole life (an
+``exchange``, ``preview`` or ``mesh`` session its Service changes); only the SSH tunnel under
+them can die (the port-forward drops, the pod is deleted, the laptop slept).
 :class:`LinkMachine` tracks that tunnel with no I/O and no clock of its own: the asyncio
 adapter (:mod:`kvpn.link_supervisor`) feeds it :class:`LinkEvent` values with ``now`` and
 asks :meth:`LinkMachine.get_timer` when to start the next reconnect attempt::

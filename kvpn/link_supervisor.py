@@ -9,6 +9,10 @@ and DNS stay), then runs ``reconnect()`` - which may recreate the shadow pod
 (:mod:`kvpn.shadow_link`) - at the times the machine says, and hands the new tunnel to
 :meth:`kvpn.dataplane.DataPlane.replace_tunnel`. State changes are printed as one line each
 (``reconnecting: <reason>``, ``reconnected after 3.2 s``).
+
+``kvpn exchange``, ``preview`` and ``mesh`` have no TUN: they pass :class:`NoDataPlane`, and
+their ``reconnect()`` re-issues the remote forwards on the new tunnel
+(:func:`kvpn.intercept_session.supervise`).
 """
 
 from __future__ import annotations
@@ -22,7 +26,13 @@ from typing import Any, Protocol
 
 from kvpn.link_state import Backoff, LinkChange, LinkEvent, LinkMachine, LinkSnapshot
 
-__all__ = ["LinkConfig", "LinkSupervisor", "SupervisedTunnel", "keepalives_unanswered"]
+__all__ = [
+    "LinkConfig",
+    "LinkSupervisor",
+    "NoDataPlane",
+    "SupervisedTunnel",
+    "keepalives_unanswered",
+]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +52,26 @@ class SupervisedDataPlane(Protocol):
     async def replace_tunnel(self, tunnel: Any) -> None: ...
 
     async def reopen_datagrams(self) -> None: ...
+
+
+class NoDataPlane:
+    """The data plane of a session with no TUN (``kvpn exchange``, ``preview``, ``mesh``):
+    its connections come *from* the shadow pod as ``forwarded-tcpip`` channels, so a lost
+    tunnel has no flows of ours to reset and a new one nothing to re-wire (the session's
+    reconnect re-issues its remote forwards itself)."""
+
+    @property
+    def datagrams_ok(self) -> bool:
+        return True
+
+    def tunnel_lost(self) -> None:
+        return None
+
+    async def replace_tunnel(self, tunnel: Any) -> None:
+        return None
+
+    async def reopen_datagrams(self) -> None:
+        return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,9 @@ not match, nothing listening locally). Then, each step registering its undo befo
    manual mode labels it with the selector and the mark once it serves;
 4. auto mode: the member Service ``kvpn-mesh-<hash>`` that the router dials for this mark.
 
-Ctrl-C, SIGTERM, a lost tunnel or a lost member annotation run the undo newest first. Each
+Ctrl-C, SIGTERM or a lost member annotation run the undo newest first; a lost tunnel is
+reconnected (the shadow pod recreated if it is gone: :func:`kvpn.intercept_session.supervise`),
+the member Service and the manual labels keep selecting it. Each
 change is first written to the session's change journal (:mod:`kvpn.change_journal`) with an
 undo another process can run, so ``kvpn clean`` undoes a killed session at once: steps 1 and
 2 with ``leave_mesh`` (:func:`kvpn.mesh_steps.leave_dead_session`), the shadow pod and the
@@ -82,9 +84,11 @@ from kvpn.cluster.shadow_pod import (
 )
 from kvpn.intercept_session import (
     LOCAL_HOST,
+    InterceptLink,
     InterceptOptions,
     LockLost,
     Out,
+    SessionFacts,
     StoppedWhileStarting,
     agent_port,
     annotations_of,
@@ -93,6 +97,7 @@ from kvpn.intercept_session import (
     now_utc,
     open_cluster,
     start_shadow,
+    supervise,
     until_stopped,
 )
 from kvpn.journal_replay import (
@@ -111,7 +116,6 @@ from kvpn.mesh_steps import (
     read_settled,
     selector_of_service,
 )
-from kvpn.tunnel.client import ShadowTunnel
 from kvpn.tunnel.errors import TunnelError
 from kvpn.tunnel.keys import new_session_key, public_key_text
 from kvpn.undo_stack import UndoStack
@@ -339,7 +343,7 @@ async def _mesh(
         plan = joined
         keeper.start(options.heartbeat_seconds)
 
-        async def setup() -> ShadowTunnel:
+        async def setup() -> InterceptLink:
             if plan.mode == MeshMode.AUTO:
                 await ensure_router(
                     kube,
@@ -355,7 +359,7 @@ async def _mesh(
                 lambda: kube.delete_pod(ns, pod),
                 undo_delete_pod(cluster, ns, pod, session),
             )
-            tunnel = await start_shadow(kube, configuration, plan.pod, key, undo, out)
+            link = await start_shadow(kube, configuration, plan.pod, key, undo, out)
             if plan.mode == MeshMode.AUTO:
                 manifest = member_service_manifest(ns, name, plan.member, plan.forwards)
                 member_service = plan.member_service
@@ -365,11 +369,29 @@ async def _mesh(
                     undo_delete_member_service(cluster, ns, member_service, session),
                 )
                 await kube.create_service(ns, manifest)
-            return tunnel
+            return link
 
-        tunnel = await until_stopped(setup(), stop)
+        link = await until_stopped(setup(), stop)
         _announce(plan, out, curl_lines)
-        exit_code = await _wait_for_end(tunnel, keeper, stop, out)
+        facts = SessionFacts(
+            "mesh",
+            session,
+            ns,
+            name,
+            mode=plan.mode.value,
+            mark=plan.mark.header_line(),
+            ports=tuple(f"{f.target_port} -> {LOCAL_HOST}:{f.local_port}" for f in plan.forwards),
+        )
+        exit_code = await supervise(
+            link,
+            keeper,
+            stop,
+            out,
+            undo=undo,
+            facts=facts,
+            lost="this session's mesh membership was removed",
+            verb="leaving",
+        )
     except StoppedWhileStarting:
         out("stopped while starting")
     except (ShadowPodError, TunnelError, InterceptApiError, LockLost) as exc:
@@ -404,23 +426,6 @@ def _announce(plan: MeshPlan, out: Out, curl_lines: list[str]) -> None:
             out(f"  {line}")
     for line in curl_lines:
         out(line)
-
-
-async def _wait_for_end(
-    tunnel: ShadowTunnel, keeper: MemberKeeper, stop: asyncio.Event, out: Out
-) -> int:
-    waits = {
-        asyncio.ensure_future(tunnel.wait_closed()): "the tunnel to the shadow pod closed",
-        asyncio.ensure_future(keeper.lost.wait()): "this session's mesh membership was removed",
-        asyncio.ensure_future(stop.wait()): "",
-    }
-    done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-    for fut in waits:
-        fut.cancel()
-    if stop.is_set():
-        return 0
-    out(f"{waits[next(iter(done))]}; leaving")
-    return 1
 
 
 __all__ = ["mesh_permissions", "plan_mesh", "run_mesh"]

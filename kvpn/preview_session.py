@@ -3,7 +3,8 @@
 The Service is created first and carries this session's lock (``kvpn.dev/lock``, kind
 ``preview``) with its heartbeat, so ``kvpn clean`` can tell a dead preview from a live one;
 then the shadow pod behind it (selected by ``kvpn.dev/preview=<session>``) forwards each
-connection to the local port.
+connection to the local port. A lost tunnel is reconnected (the pod recreated if it is gone:
+:func:`kvpn.intercept_session.supervise`); only Ctrl-C, SIGTERM or a lost lock remove it.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ from kvpn.cluster.service_ports import Exposure, PortMatchError, parse_expose, p
 from kvpn.cluster.shadow_pod import DEFAULT_SHADOW_IMAGE, ShadowPodError, ShadowPodPlan
 from kvpn.intercept_session import (
     LOCAL_HOST,
+    InterceptLink,
     InterceptOptions,
     LockKeeper,
     LockLost,
     Out,
+    SessionFacts,
     StoppedWhileStarting,
     agent_port,
     annotations_of,
@@ -36,8 +39,8 @@ from kvpn.intercept_session import (
     now_utc,
     open_cluster,
     start_shadow,
+    supervise,
     until_stopped,
-    wait_for_end,
 )
 from kvpn.journal_replay import (
     cluster_ref,
@@ -45,7 +48,6 @@ from kvpn.journal_replay import (
     undo_delete_pod,
     undo_delete_service,
 )
-from kvpn.tunnel.client import ShadowTunnel
 from kvpn.tunnel.errors import TunnelError
 from kvpn.tunnel.keys import new_session_key, public_key_text
 from kvpn.undo_stack import UndoStack
@@ -158,7 +160,7 @@ async def _preview(
     keeper.start(options.heartbeat_seconds)
     exit_code = 0
 
-    async def setup() -> ShadowTunnel:
+    async def setup() -> InterceptLink:
         pod = plan.pod.name
         undo.push(  # start_shadow pushes its own delete too; deleting twice is harmless
             f"delete shadow pod {pod}",
@@ -168,14 +170,24 @@ async def _preview(
         return await start_shadow(kube, configuration, plan.pod, key, undo, out)
 
     try:
-        tunnel = await until_stopped(setup(), stop)
+        link = await until_stopped(setup(), stop)
         ip = (created.get("spec") or {}).get("clusterIP") or "?"
         ports = ", ".join(
             f"{f.target_port} -> {LOCAL_HOST}:{f.local_port}" for f in plan.pod.forwards
         )
         kind = "LoadBalancer" if plan.external else "ClusterIP"
         out(f"preview: service {ns}/{name} ({kind} {ip}) port {ports}; Ctrl-C removes it")
-        exit_code = await wait_for_end(tunnel, keeper, stop, out)
+        facts = SessionFacts(
+            "preview",
+            session,
+            ns,
+            name,
+            mode=kind,
+            ports=tuple(
+                f"{f.target_port} -> {LOCAL_HOST}:{f.local_port}" for f in plan.pod.forwards
+            ),
+        )
+        exit_code = await supervise(link, keeper, stop, out, undo=undo, facts=facts)
     except StoppedWhileStarting:
         out("stopped while starting")
     except (ShadowPodError, TunnelError, InterceptApiError, LockLost) as exc:

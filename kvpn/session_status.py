@@ -14,6 +14,11 @@ cannot pass:
   ``degraded`` (tunnel up, something missing or slow: the reason says what),
   ``reconnecting`` (since when, last error).
 
+``kvpn exchange``, ``preview`` and ``mesh`` write the same two files (``kind`` says which;
+``service``, ``mode``, ``mark`` and ``ports`` say what they redirect; no routes or DNS), in
+the same directory when run as root, else in the user's own (:func:`user_state_dir`), which
+``kvpn status`` reads too.
+
 Everything here is pure apart from reading files: the clock and the liveness check come in
 as arguments. Files are untrusted input: malformed ones are shown as unreadable or skipped.
 """
@@ -45,9 +50,11 @@ __all__ = [
     "render_text",
     "status_path",
     "summarize_counters",
+    "user_state_dir",
     "write_status",
 ]
 
+ROOT_STATE_DIR = Path("/run/kvpn")
 STATUS_SUFFIX = ".status.json"
 STATUS_VERSION = 1
 STALE_AFTER = 10.0
@@ -91,6 +98,23 @@ def ensure_private_dir(path: Path) -> None:
         path.chmod(0o700)
 
 
+def user_state_dir() -> Path:
+    """Where a session run by this user keeps its state: ``/run/kvpn`` for root (``kvpn
+    connect`` needs root), else ``$XDG_RUNTIME_DIR/kvpn`` (a per-user tmpfs, gone at logout
+    like the sessions it describes), else ``$XDG_STATE_HOME/kvpn`` (``~/.local/state/kvpn``).
+    ``KVPN_STATE_DIR`` overrides all three."""
+    override = os.environ.get("KVPN_STATE_DIR")
+    if override:
+        return Path(override)
+    if os.geteuid() == 0:
+        return ROOT_STATE_DIR
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isdir(runtime):
+        return Path(runtime) / "kvpn"
+    state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return Path(state) / "kvpn"
+
+
 def status_path(sessions_dir: Path, session_id: str) -> Path:
     return sessions_dir / f"{session_id}{STATUS_SUFFIX}"
 
@@ -118,6 +142,12 @@ class SessionStatus:
     routes: tuple[str, ...] = ()
     dns_mode: str = ""
     counters: Mapping[str, Any] = field(default_factory=dict)
+    #: "connect", or the intercept session's "exchange" / "preview" / "mesh"
+    kind: str = "connect"
+    service: str = ""  # namespace/name the intercept redirects or publishes
+    mode: str = ""  # exchange: selector/scale; mesh: auto/manual
+    mark: str = ""  # mesh: the header line that selects this developer
+    ports: tuple[str, ...] = ()  # "8080 -> localhost:8080"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -141,6 +171,11 @@ class SessionStatus:
             "routes": list(self.routes),
             "dns_mode": self.dns_mode,
             "counters": dict(self.counters),
+            "kind": self.kind,
+            "service": self.service,
+            "mode": self.mode,
+            "mark": self.mark,
+            "ports": list(self.ports),
         }
 
 
@@ -328,12 +363,28 @@ def _dns_mode(view: SessionView) -> str:
     return _text(dns, "mode") if isinstance(dns, dict) else ""
 
 
+def _kind(view: SessionView) -> str:
+    if view.status is not None and _text(view.status, "kind"):
+        return _text(view.status, "kind")
+    return _text(view.session_record, "kind") or "connect"
+
+
+def _strings(data: Mapping[str, Any], key: str) -> list[str]:
+    value = data.get(key)
+    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+
+
 def view_to_json(view: SessionView) -> dict[str, Any]:
     status = view.status or {}
     record = view.session_record
     counters = status.get("counters")
     return {
         "session": view.session,
+        "kind": _kind(view),
+        "service": _text(status, "service") or _text(record, "service"),
+        "mode": _text(status, "mode") or _text(record, "mode"),
+        "mark": _text(status, "mark") or _text(record, "mark"),
+        "ports": _strings(status, "ports") or _strings(record, "ports"),
         "state": view.verdict.value,
         "detail": view.detail,
         "summary": view.headline,
@@ -368,17 +419,27 @@ def render_text(views: Iterable[SessionView]) -> str:
     blocks = []
     for view in views:
         data = view_to_json(view)
+        kind = data["kind"]
+        intercept = kind != "connect"
         lines = [f"session {view.session}: {view.headline}"]
+        if intercept:
+            mode = " ".join(x for x in (data["mode"], data["mark"] and repr(data["mark"])) if x)
+            lines.append(
+                f"  {kind:<12} service {data['service'] or '?'}" + (f" ({mode})" if mode else "")
+            )
+            if data["ports"]:
+                lines.append(f"  ports        {', '.join(data['ports'])}")
         lines.append(f"  pid          {view.pid}")
         if data["shadow_pod"]:
             lines.append(f"  shadow pod   {data['shadow_pod']} ({data['transport'] or '?'})")
         if data["context"]:
             lines.append(f"  context      {data['context']}")
-        routes = ", ".join(data["routes"]) or "none"
-        lines.append(f"  routes       {routes} -> {data['tun'] or '?'}")
-        lines.append(f"  dns          {data['dns_mode'] or 'unknown'}")
+        if not intercept:
+            routes = ", ".join(data["routes"]) or "none"
+            lines.append(f"  routes       {routes} -> {data['tun'] or '?'}")
+            lines.append(f"  dns          {data['dns_mode'] or 'unknown'}")
         counters = data["counters"]
-        if counters and view.verdict is not Verdict.DEAD:
+        if counters and view.verdict is not Verdict.DEAD and not intercept:
             drops = counters.get("drops") if isinstance(counters.get("drops"), dict) else {}
             drop_text = ", ".join(f"{k} {v}" for k, v in drops.items()) or "none"
             lines.append(

@@ -13,19 +13,27 @@ keeps its key pair and its :class:`~kvpn.cluster.shadow_pod.ShadowPodPlan` for i
 With ``--transport direct`` the tunnel goes to the pod IP while it is the one the routes were
 planned around; a recreated pod usually has a new IP inside the routed pod CIDR, so the new
 tunnel goes through the API server's port-forward instead (no route change needed).
+
+``kvpn exchange``, ``preview`` and ``mesh`` use the same link with two additions: their pod is
+created from its own manifest (:meth:`kvpn.cluster.exchange_plan.InterceptPodPlan.manifest`:
+the same labels, so the Service selects the new pod again), and ``after_connect`` runs on
+every new tunnel before it is handed out (it re-issues the remote forwards and re-applies the
+serving labels); when it fails the tunnel is closed and the attempt fails.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import asyncssh
 from kubernetes.client.exceptions import ApiException
 
+from kvpn.cluster.forbidden import describe_api_error
 from kvpn.cluster.shadow_pod import (
     ShadowPodError,
     ShadowPodPlan,
@@ -64,6 +72,8 @@ class ShadowLink:
         out: Callable[[str], None],
         keepalive_interval: float = 2.0,
         keepalive_count_max: int = 3,
+        manifest: Mapping[str, Any] | None = None,
+        after_connect: Callable[[ShadowTunnel], Awaitable[None]] | None = None,
     ) -> None:
         self._core = core
         self._configuration = configuration
@@ -76,6 +86,8 @@ class ShadowLink:
         self._out = out
         self._keepalive_interval = keepalive_interval
         self._keepalive_count_max = keepalive_count_max
+        self._manifest = manifest
+        self._after_connect = after_connect
         self._need_host_key = False
         self.pods_recreated = 0
 
@@ -88,7 +100,7 @@ class ShadowLink:
     async def connect(self) -> ShadowTunnel:
         """One attempt: make sure the pod is up (recreating it if needed), then SSH to it."""
         await self._ensure_pod()
-        return await ShadowTunnel.connect(
+        tunnel = await ShadowTunnel.connect(
             self._make_transport(),
             client_key=self._client_key,
             host_key=self._host_key,
@@ -96,6 +108,28 @@ class ShadowLink:
             keepalive_count_max=self._keepalive_count_max,
             connect_timeout=SSH_TIMEOUT,
         )
+        if self._after_connect is not None:
+            try:
+                await self._after_connect(tunnel)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(tunnel.close(), TRANSPORT_TIMEOUT)
+                raise
+        return tunnel
+
+    async def _create_pod(self) -> None:
+        if self._manifest is None:
+            await create_shadow_pod(self._core, self._plan)
+            return
+        plan = self._plan
+        try:
+            await asyncio.to_thread(
+                self._core.create_namespaced_pod, plan.namespace, dict(self._manifest)
+            )
+        except ApiException as exc:
+            raise ShadowPodError(
+                f"cannot create shadow pod {plan.namespace}/{plan.name}: {describe_api_error(exc)}"
+            ) from None
 
     def _make_transport(self) -> Transport:
         plan = self._plan
@@ -137,7 +171,7 @@ class ShadowLink:
             pod = None
         if pod is None:
             self._out(f"shadow pod {plan.namespace}/{plan.name} is gone; creating it again")
-            await create_shadow_pod(self._core, plan)
+            await self._create_pod()
             self.pods_recreated += 1
             self._need_host_key = True
         elif progress is not None and progress.running and not self._need_host_key:

@@ -702,4 +702,6 @@ def run_connect_blocking(options: ConnectOptions) -> int:
         return await run_session(options, out, stop)
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="kvpn: %(message)s")
-    return asyncio.run(main())
+    from kvpn.event_loop import run as run_event_loop  # uvloop when installed
+
+    return run_event_loop(main())

@@ -543,4 +543,6 @@ def run_blocking(session: Callable[[asyncio.Event], Awaitable[int]]) -> int:
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="kvpn: %(message)s")
     logging.getLogger("asyncssh").setLevel(logging.WARNING)
-    return asyncio.run(main())
+    from kvpn.event_loop import run as run_event_loop  # uvloop when installed
+
+    return run_event_loop(main())

@@ -354,8 +354,14 @@ def main(environ: Mapping[str, str] | None = None) -> int:
     except ConfigError as exc:
         print(f"kvpn shadow agent: {exc}", file=sys.stderr, flush=True)
         return 2
+    from kvpn.event_loop import EventLoopChoiceError
+    from kvpn.event_loop import run as run_event_loop  # uvloop when installed
+
     try:
-        asyncio.run(run_agent(config, sys.stdout))
+        run_event_loop(run_agent(config, sys.stdout), env=env)
+    except EventLoopChoiceError as exc:
+        print(f"kvpn shadow agent: {exc}", file=sys.stderr, flush=True)
+        return 2
     except OSError as exc:
         print(f"kvpn shadow agent: cannot listen: {exc}", file=sys.stderr, flush=True)
         return 1

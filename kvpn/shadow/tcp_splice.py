@@ -44,7 +44,7 @@ def reset_transport(transport: asyncio.Transport) -> None:
     """Close a TCP transport with RST rather than FIN (``SO_LINGER`` 0, then close)."""
     sock = transport.get_extra_info("socket")
     if sock is not None:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ValueError):  # ValueError: uvloop, closed
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
     transport.abort()
 

@@ -435,8 +435,14 @@ def main(environ: Mapping[str, str] | None = None) -> int:
     except MeshNameError as exc:
         print(f"kvpn mesh router: {exc}", file=sys.stderr, flush=True)
         return 2
+    from kvpn.event_loop import EventLoopChoiceError
+    from kvpn.event_loop import run as run_event_loop  # uvloop when installed
+
     try:
-        asyncio.run(run_router(settings))
+        run_event_loop(run_router(settings), env=env)
+    except EventLoopChoiceError as exc:
+        print(f"kvpn mesh router: {exc}", file=sys.stderr, flush=True)
+        return 2
     except OSError as exc:
         print(f"kvpn mesh router: cannot listen: {exc}", file=sys.stderr, flush=True)
         return 1

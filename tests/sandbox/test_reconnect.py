@@ -207,13 +207,16 @@ def test_shadow_pod_deleted_is_recreated(
 def test_stopped_process_recovers(
     cluster: Cluster, core: client.CoreV1Api, session: Session
 ) -> None:
+    """A laptop asleep for two minutes (the issue's case): longer than the agent's keepalive
+    allowance, so the shadow side has dropped the old SSH connection when kvpn wakes up."""
+    stopped = time.monotonic()
     os.kill(session.proc.pid, signal.SIGSTOP)
     try:
         time.sleep(12)
         status = _status(cluster, session)  # never "connected" while it cannot pass traffic
         assert status["state"] == "unresponsive", status
     finally:
-        time.sleep(3)
+        time.sleep(max(0.0, SLEEP_SECONDS - (time.monotonic() - stopped)))
         os.kill(session.proc.pid, signal.SIGCONT)
     _wait(
         lambda: _status(cluster, session)["state"] == "connected",
@@ -248,6 +251,7 @@ def test_woken_up_after_the_pod_went_away(
 
 
 BLOCK_TABLE = "kvpnt_block_transport"
+SLEEP_SECONDS = 120.0  # SIGSTOP .. SIGCONT of the sleeping-laptop test
 
 
 def _block_api_server(cluster: Cluster, blocked: bool) -> None:

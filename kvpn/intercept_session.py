@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import asyncssh
+import urllib3.exceptions
 
 from kvpn.cli.errors import UserError
 from kvpn.cluster.exchange_plan import InterceptPodPlan
@@ -65,6 +66,9 @@ LOCAL_HOST = "localhost"
 Out = Callable[[str], None]
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+#: what a heartbeat retries on: an API error, or no answer at all (the kubernetes client raises
+#: urllib3's errors, not an ApiException, when the API server cannot be reached)
+HEARTBEAT_RETRIED = (InterceptApiError, urllib3.exceptions.HTTPError)
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,10 @@ class LockKeeper:
         self._service = service
         self._out = out
         self.lock = lock
+        # A heartbeat cancelled while its patch was in flight (stop(), a cancelled reconnect
+        # attempt) may still have landed on the server: the lock it wrote, tried once more
+        # before a rejected patch counts as a lost lock.
+        self._unsure: Lock | None = None
         self._mutex = asyncio.Lock()
         self.lost = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -138,6 +146,14 @@ class LockKeeper:
         try:
             return await self._kube.patch_service(self._namespace, self._service, build(self.lock))
         except PatchRejected:
+            unsure, self._unsure = self._unsure, None
+            if unsure is not None:
+                with contextlib.suppress(PatchRejected):
+                    result = await self._kube.patch_service(
+                        self._namespace, self._service, build(unsure)
+                    )
+                    self.lock = unsure
+                    return result
             self.lost.set()
             raise LockLost(self._lost_message()) from None
 
@@ -152,8 +168,13 @@ class LockKeeper:
         reconnect attempt may both refresh: the mutex keeps the old value they test exact)."""
         async with self._mutex:
             new = self.lock.refreshed(now_utc())
-            await self._patch_held(lambda old: refresh_ops(old, new))
+            try:
+                await self._patch_held(lambda old: refresh_ops(old, new))
+            except (asyncio.CancelledError, *HEARTBEAT_RETRIED):  # it may have landed
+                self._unsure = new
+                raise
             self.lock = new
+            self._unsure = None
 
     def start(self, interval: float) -> None:
         self._task = asyncio.ensure_future(self._run(interval))
@@ -166,7 +187,7 @@ class LockKeeper:
             except LockLost as exc:
                 self._out(f"kvpn: {exc}")
                 return
-            except InterceptApiError as exc:  # the API server is unreachable: retry
+            except HEARTBEAT_RETRIED as exc:  # the API server is unreachable: retry
                 self._out(f"kvpn: heartbeat failed ({exc}); retrying")
 
     async def stop(self) -> None:

@@ -14,13 +14,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
 from kvpn.cli.errors import UserError
-from kvpn.cluster.exchange_plan import restore_service_ops
+from kvpn.cluster.exchange_plan import restore_service_ops, selector_of
 from kvpn.cluster.intercept_api import InterceptApiError, KubeClients, PatchRejected
 from kvpn.cluster.locks import LOCK_ANNOTATION, read_lock
 from kvpn.cluster.mesh_objects import (
@@ -45,7 +46,7 @@ from kvpn.cluster.mesh_plan import (
     switch_selector_ops,
 )
 from kvpn.cluster.shadow_pod import FATAL_WAITING_REASONS
-from kvpn.intercept_session import LockLost, Out, annotations_of, now_utc
+from kvpn.intercept_session import HEARTBEAT_RETRIED, LockLost, Out, annotations_of, now_utc
 
 PATCH_ATTEMPTS = 20
 CLOSING_WAIT_SECONDS = 30.0
@@ -116,6 +117,12 @@ def check_joinable(
             )
     if not view.state and not selector_of_service(service):
         raise UserError(f"{label} has no selector (its endpoints are managed by hand)")
+    if not view.state and selector_of_service(service) == router_selector(view.service):
+        # kept as the "original" selector, it would make the stand-in select the router
+        raise UserError(
+            f"{label} selects a kvpn mesh router but records no mesh: put its own selector "
+            "back first (kubectl edit)"
+        )
     return mark
 
 
@@ -154,6 +161,7 @@ class MemberKeeper:
         self._service = service
         self._out = out
         self.member = member
+        self._unsure: Member | None = None  # written by a refresh cancelled in flight?
         self._mutex = asyncio.Lock()
         self.lost = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -170,13 +178,26 @@ class MemberKeeper:
                 raise LockLost(self._lost_message())
             new = self.member.refreshed(now_utc())
             try:
-                await self._kube.patch_service(
-                    self._namespace, self._service, refresh_member_ops(self.member, new)
-                )
-            except PatchRejected:
-                self.lost.set()
-                raise LockLost(self._lost_message()) from None
+                await self._write(new)
+            except (asyncio.CancelledError, *HEARTBEAT_RETRIED):
+                self._unsure = new  # the patch may have landed all the same
+                raise
             self.member = new
+            self._unsure = None
+
+    async def _write(self, new: Member) -> None:
+        ns, name = self._namespace, self._service
+        try:
+            await self._kube.patch_service(ns, name, refresh_member_ops(self.member, new))
+            return
+        except PatchRejected:
+            unsure, self._unsure = self._unsure, None
+        if unsure is not None:
+            with contextlib.suppress(PatchRejected):
+                await self._kube.patch_service(ns, name, refresh_member_ops(unsure, new))
+                return
+        self.lost.set()
+        raise LockLost(self._lost_message())
 
     def start(self, interval: float) -> None:
         self._task = asyncio.ensure_future(self._run(interval))
@@ -189,7 +210,7 @@ class MemberKeeper:
             except LockLost as exc:
                 self._out(f"kvpn: {exc}")
                 return
-            except InterceptApiError as exc:
+            except HEARTBEAT_RETRIED as exc:
                 self._out(f"kvpn: heartbeat failed ({exc}); retrying")
 
     async def stop(self) -> None:
@@ -216,9 +237,13 @@ async def join(
             plan = replace(plan, mark=mark)
         new_state = None
         if plan.mode == MeshMode.AUTO:
-            if view.state is None:
-                new_state = plan.state
-            plan = replace(plan, state=view.state or plan.state, creates_mesh=view.state is None)
+            if view.state is None and plan.state is not None:
+                # The selector to restore is the one of this read (whose resourceVersion the
+                # patch tests), not the one the plan was made from.
+                new_state = replace(
+                    plan.state, original_selector=selector_of(selector_of_service(service))
+                )
+            plan = replace(plan, state=view.state or new_state, creates_mesh=view.state is None)
         ops = join_ops(
             str(service["metadata"].get("resourceVersion") or ""),
             annotations_of(service),

@@ -37,6 +37,7 @@ from kvpn.cluster.service_ports import PortForward, PortKey, ServicePort
 from kvpn.cluster.shadow_pod import MANAGED_BY_LABEL, SESSION_LABEL, USER_ANNOTATION
 from kvpn.shadow.mesh_names import (
     MESH_ANNOTATION,
+    PROTOCOLS,
     ROUTER_LABEL,
     mesh_service_name,
     router_env,
@@ -70,7 +71,7 @@ def routed_ports(
     found: dict[tuple[int, str], set[str]] = {}
     for p in ports:
         target = p.resolve_target(container_ports)
-        if target is None:
+        if target is None or p.protocol not in PROTOCOLS:  # SCTP: the router cannot relay it
             continue
         names = found.setdefault((target, p.protocol), set())
         if isinstance(p.target, str):

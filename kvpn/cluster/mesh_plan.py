@@ -50,8 +50,12 @@ from kvpn.shadow.mesh_names import (
     MEMBER_ANNOTATION_PREFIX,
     MESH_ANNOTATION,
     ROUTER_LABEL,
+    MeshNameError,
     is_header_name,
     mesh_service_name,
+    parse_port_spec,
+    router_pod_name,
+    standin_service_name,
 )
 
 MESH_KIND = "mesh"
@@ -181,6 +185,14 @@ class Member:
         return f"mark {self.mark!r}, " + self.lock.describe(now)
 
 
+def _port_spec_ok(text: str) -> bool:
+    """``text`` is exactly a canonical ``PORT/PROTO`` (what the manifests parse again)."""
+    try:
+        return parse_port_spec(text).spec == text
+    except MeshNameError:
+        return False
+
+
 @dataclass(frozen=True, slots=True)
 class MeshState:
     """The ``kvpn.dev/mesh`` annotation."""
@@ -221,7 +233,9 @@ class MeshState:
         ports = data.get("ports")
         if selector is None or not isinstance(ports, list):
             return None
-        if not all(isinstance(p, str) for p in ports):
+        if not ports or not all(isinstance(p, str) and _port_spec_ok(p) for p in ports):
+            return None
+        if not is_header_name(data["header"]):
             return None
         closing = data.get("closing", "")
         return cls(
@@ -268,6 +282,12 @@ def read_mesh(service: str, annotations: Mapping[str, str] | None) -> MeshView:
     annotations = annotations or {}
     raw_state = annotations.get(MESH_ANNOTATION)
     state = MeshState.from_json(raw_state) if raw_state is not None else None
+    if state is not None and (
+        state.router != router_pod_name(service) or state.standin != standin_service_name(service)
+    ):
+        # Annotations are writable by anyone who may patch the Service: a state naming other
+        # objects would make kvpn wait on, and then delete, a pod or Service not its own.
+        state = None
     members = tuple(
         (key, raw, Member.from_json(raw))
         for key, raw in sorted(annotations.items())

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -441,3 +442,85 @@ async def test_leave_dead_session_drops_an_unreadable_member_of_its_own_only() -
     assert await leave_dead_session(kube, "default", "echo", "a1", print)
     assert "kvpn.dev/mesh-member.a1" not in kube.services["echo"]["metadata"]["annotations"]
     assert bob.member.annotation in kube.services["echo"]["metadata"]["annotations"]
+
+
+async def test_join_records_the_selector_of_the_read_it_patches_not_the_plans() -> None:
+    kube: Any = FakeKube(echo())
+    plan = plan_for(echo(), ME, "alpha", "a1")  # planned while the selector was app=echo
+    kube.services["echo"]["spec"]["selector"] = {"app": "echo-v2"}  # a deploy, meanwhile
+    joined = await join(kube, plan, print)
+    assert joined.state is not None and dict(joined.state.original_selector) == {"app": "echo-v2"}
+    await ensure_router(kube, joined, "img", print, timeout=5, poll=0)
+    assert kube.services["echo-kvpn-standin"]["spec"]["selector"] == {"app": "echo-v2"}
+    assert await leave_mesh(kube, "default", "echo", joined.member, print)
+    assert kube.services["echo"]["spec"]["selector"] == {"app": "echo-v2"}
+
+
+async def test_a_mesh_annotation_naming_foreign_objects_never_deletes_them() -> None:
+    kube: Any = FakeKube(echo())
+    joined = await join(kube, plan_for(echo(), ME, "alpha", "a1"), print)
+    await ensure_router(kube, joined, "img", print, timeout=5, poll=0)
+    kube.services["database"] = {"metadata": {"name": "database", "resourceVersion": "1"}}
+    kube.pods["payments-0"] = {"metadata": {"name": "payments-0"}}
+    annotations = kube.services["echo"]["metadata"]["annotations"]
+    tampered = json.loads(annotations[MESH_ANNOTATION])
+    tampered.update(router="payments-0", standin="database")
+    annotations[MESH_ANNOTATION] = json.dumps(tampered)
+    await leave_mesh(kube, "default", "echo", joined.member, print)
+    assert "database" in kube.services and "payments-0" in kube.pods
+
+
+async def test_a_joiner_of_a_mesh_with_malformed_ports_gets_one_line() -> None:
+    kube: Any = FakeKube(echo())
+    await join(kube, plan_for(echo(), ME, "alpha", "a1"), print)
+    annotations = kube.services["echo"]["metadata"]["annotations"]
+    bad = json.loads(annotations[MESH_ANNOTATION])
+    bad["ports"] = ["http/TCP"]
+    annotations[MESH_ANNOTATION] = json.dumps(bad)
+    with pytest.raises(UserError, match="unreadable kvpn.dev/mesh"):
+        await join(kube, plan_for(echo(), BOB, "bravo", "b1"), print)
+
+
+def test_an_sctp_port_is_not_routed() -> None:
+    ports = [
+        p
+        for p in (
+            ServicePort.from_spec(s)
+            for s in [*PORTS, {"name": "s", "port": 9, "protocol": "SCTP", "targetPort": 9}]
+        )
+        if p is not None
+    ]
+    routed = routed_ports(ports, CONTAINER_PORTS)
+    assert [r.spec for r in routed] == ["8080/TCP", "8080/UDP"]
+
+
+async def test_a_member_heartbeat_cancelled_after_its_patch_landed_keeps_the_membership() -> None:
+    kube: Any = FakeKube(echo())
+    plan = await join(kube, plan_for(echo(), ME, "alpha", "a1"), print)
+    member = plan.member.refreshed(datetime.now(UTC) - timedelta(seconds=5))
+    annotations = kube.services["echo"]["metadata"]["annotations"]
+    annotations[member.annotation] = member.to_json()
+    keeper = MemberKeeper(kube, "default", "echo", member, print)
+    landed = asyncio.Event()
+    real_patch = kube.patch_service
+
+    async def patch_then_hang(namespace: str, name: str, ops: list[Any]) -> Any:
+        await real_patch(namespace, name, ops)
+        landed.set()
+        await asyncio.Event().wait()
+
+    kube.patch_service = patch_then_hang
+    refresh = asyncio.ensure_future(keeper.refresh())
+    await asyncio.wait_for(landed.wait(), 2)
+    refresh.cancel()  # a reconnect attempt that timed out
+    await asyncio.gather(refresh, return_exceptions=True)
+    kube.patch_service = real_patch
+    await keeper.refresh()  # the next heartbeat
+    assert not keeper.lost.is_set()
+
+
+def test_a_service_left_selecting_a_router_is_not_meshed_again() -> None:
+    svc = echo()
+    svc["spec"]["selector"] = {"kvpn.dev/mesh-router": "echo"}  # kvpn.dev/mesh removed by hand
+    with pytest.raises(UserError, match="selects a kvpn mesh router"):
+        plan_for(svc, ME, "alpha", "a1")

@@ -9,7 +9,7 @@ import json
 import os
 import stat
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -298,3 +298,52 @@ async def test_status_without_root_lists_the_users_sessions_and_says_what_it_can
     assert f"cannot read {root / 'sessions'}" in printed.err
     stop.set()
     await asyncio.wait_for(task, 2)
+
+
+async def test_a_heartbeat_cancelled_after_its_patch_landed_does_not_lose_the_lock() -> None:
+    earlier = datetime.now(UTC) - timedelta(seconds=5)  # so the refresh changes the value
+    lock = Lock.new("exchange", mode="selector", identity=ME, session="s1", now=earlier)
+    kube: Any = FakeKube([service("echo", {"app": "echo"}, {LOCK_ANNOTATION: lock.to_json()})], [])
+    landed = asyncio.Event()
+    real_patch = kube.patch_service
+
+    async def patch_then_hang(namespace: str, name: str, ops: list[Any]) -> Any:
+        await real_patch(namespace, name, ops)  # the API server applied it...
+        landed.set()
+        await asyncio.Event().wait()  # ...but the answer never comes before the cancel
+
+    kube.patch_service = patch_then_hang
+    keeper = LockKeeper(kube, "default", "echo", lock, print)
+    refresh = asyncio.ensure_future(keeper.refresh())
+    await asyncio.wait_for(landed.wait(), 2)
+    refresh.cancel()  # stop(), or a reconnect attempt cancelled by Ctrl-C
+    await asyncio.gather(refresh, return_exceptions=True)
+    kube.patch_service = real_patch
+    await keeper.release()  # tests the lock value on the server, not the one before
+    assert not keeper.lost.is_set()
+    assert LOCK_ANNOTATION not in kube.services["echo"]["metadata"]["annotations"]
+
+
+async def test_the_heartbeat_survives_an_unreachable_api_server() -> None:
+    import urllib3.exceptions
+
+    lock = Lock.new("exchange", mode="selector", identity=ME, session="s1", now=datetime.now(UTC))
+    kube: Any = FakeKube([service("echo", {"app": "echo"}, {LOCK_ANNOTATION: lock.to_json()})], [])
+    real_patch = kube.patch_service
+    calls = 0
+
+    async def flaky(namespace: str, name: str, ops: list[Any]) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:  # what the kubernetes client raises when nothing answers
+            raise urllib3.exceptions.MaxRetryError(None, "/", "Connection refused")  # type: ignore[arg-type]
+        return await real_patch(namespace, name, ops)
+
+    kube.patch_service = flaky
+    lines: list[str] = []
+    keeper = LockKeeper(kube, "default", "echo", lock, lines.append)
+    keeper.start(0.01)
+    await _until(lambda: calls >= 3)
+    await keeper.stop()
+    assert not keeper.lost.is_set()
+    assert any("heartbeat failed" in line for line in lines)

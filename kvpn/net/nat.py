@@ -37,6 +37,8 @@ from kvpn.net.ipv4 import HEADER_LENGTH as IP_HEADER_LENGTH
 from kvpn.net.tcp import CHECKSUM_OFFSET as TCP_CHECKSUM_OFFSET
 
 __all__ = [
+    "FastRoute",
+    "FastRoutes",
     "FlowKey",
     "NatConfig",
     "NatEntry",
@@ -93,6 +95,7 @@ class NatEntry:
     """One translated TCP flow (mutable: it is the table's state)."""
 
     __slots__ = (
+        "fast_keys",
         "fin_from_app",
         "fin_from_listener",
         "flow",
@@ -113,6 +116,8 @@ class NatEntry:
         #: set by the router: app -> listener and listener -> app rewrites of this flow
         self.outbound: RewritePlan | None = None
         self.inbound: RewritePlan | None = None
+        #: the fast-path keys (fastpath.py) cached for this entry while ESTABLISHED
+        self.fast_keys: list[bytes] = []
 
     def set_state(self, new: NatState) -> None:
         if new not in NAT_TRANSITIONS[self.state]:
@@ -123,9 +128,24 @@ class NatEntry:
         return f"NatEntry({self.flow!r}, natport={self.natport}, {self.state.name})"
 
 
+class FastRoute(NamedTuple):
+    """A cached rewrite of an ESTABLISHED flow's segments in one direction (fastpath.py)."""
+
+    entry: NatEntry
+    #: the new source and destination addresses and ports, as the 12 header bytes
+    endpoints: bytes
+    address_delta: int
+    full_delta: int
+
+
+#: raw ``src addr + dst addr + src port + dst port`` header bytes -> route
+FastRoutes = dict[bytes, FastRoute]
+
+
 class NatTable:
     def __init__(self, config: NatConfig) -> None:
         self._config = config
+        self._fast: FastRoutes = {}
         self._by_flow: dict[FlowKey, NatEntry] = {}
         self._by_natport: dict[int, NatEntry] = {}
         self._free: deque[int] = deque(range(config.port_low, config.port_high + 1))
@@ -148,6 +168,36 @@ class NatTable:
 
     def by_natport(self, natport: int) -> NatEntry | None:
         return self._by_natport.get(natport)
+
+    @property
+    def fast_routes(self) -> FastRoutes:
+        """The fast-path cache (read by the router; only this table changes it)."""
+        return self._fast
+
+    def cache_route(self, key: bytes, entry: NatEntry, plan: RewritePlan) -> None:
+        """Cache *plan* for segments whose 12 endpoint bytes are *key* (ESTABLISHED only).
+
+        The key is dropped as soon as *entry* leaves ESTABLISHED or the table.
+        """
+        if (
+            entry.state is not NatState.ESTABLISHED
+            or self._by_natport.get(entry.natport) is not entry
+        ):
+            return
+        if len(key) != 12:
+            raise ValueError("a fast-path key is 12 bytes")
+        self._fast[key] = FastRoute(
+            entry, plan.addresses + plan.ports, plan.address_delta, plan.full_delta
+        )
+        entry.fast_keys.append(key)
+
+    def _forget_routes(self, entry: NatEntry) -> None:
+        fast = self._fast
+        for key in entry.fast_keys:
+            route = fast.get(key)
+            if route is not None and route.entry is entry:
+                del fast[key]
+        entry.fast_keys.clear()
 
     def entries(self) -> list[NatEntry]:
         return list(self._by_flow.values())
@@ -181,6 +231,7 @@ class NatTable:
         if entry.state is NatState.CLOSING:
             return False
         entry.set_state(NatState.CLOSING)
+        self._forget_routes(entry)
         self._deadlines.schedule(entry.natport, now + self._config.closing_linger)
         return True
 
@@ -188,6 +239,7 @@ class NatTable:
         """Forget *entry* at once; its natport is quarantined."""
         if self._by_natport.get(entry.natport) is not entry:
             return
+        self._forget_routes(entry)
         del self._by_flow[entry.flow]
         del self._by_natport[entry.natport]
         self._deadlines.cancel(entry.natport)

@@ -38,6 +38,7 @@ from kvpn.net import icmp
 from kvpn.net.counters import Counters
 from kvpn.net.errors import DropReason, PacketError
 from kvpn.net.events import Event, PingOut, TcpDialRequested, TcpFlowEnded, UdpOut
+from kvpn.net.fastpath import fast_rewrite
 from kvpn.net.flows import DatagramFlowTable, EchoKey
 from kvpn.net.ipv4 import HEADER_LENGTH as IP_HEADER_LENGTH
 from kvpn.net.ipv4 import PROTO_ICMP, PROTO_TCP, PROTO_UDP, IPv4Header, parse_ipv4
@@ -61,6 +62,7 @@ __all__ = ["PacketRouter", "RouterConfig"]
 
 _TCP_CSUM_OFFSET = 16
 _ACCEPTED_GSO = frozenset({GsoType.NONE, GsoType.TCPV4})
+_PORTS = struct.Struct("!HH")
 _Handler = Callable[[bytes | bytearray, int, int, IPv4Header, bool, float], None]
 
 
@@ -163,6 +165,12 @@ class PacketRouter:
         counters = self._counters
         counters.packets_from_tun += 1
         counters.bytes_from_tun += len(packet)
+        rewritten = fast_rewrite(packet, self._ip_offset, self._nat.fast_routes, now)
+        if rewritten is not None:
+            counters.packets_to_tun += 1
+            counters.bytes_to_tun += len(rewritten)
+            self._out.append(rewritten)
+            return
         try:
             self._receive(packet, now)
         except PacketError as exc:
@@ -369,8 +377,17 @@ class PacketRouter:
 
     def nat_lookup_accepted(self, peer_port: int, *, now: float) -> FlowKey | None:
         """The listener accepted (B, peer_port): the application's flow, or None (refuse it)."""
-        entry = self._nat.accepted(peer_port, now=now)
-        return entry.flow if entry is not None else None
+        nat = self._nat
+        entry = nat.accepted(peer_port, now=now)
+        if entry is None:
+            return None
+        flow = entry.flow
+        if entry.outbound is not None and entry.inbound is not None:
+            ports = _PORTS.pack(flow.src_port, flow.dst_port)
+            nat.cache_route(flow.src + flow.dst + ports, entry, entry.outbound)
+            ports = _PORTS.pack(self._p, entry.natport)
+            nat.cache_route(self._a + self._b + ports, entry, entry.inbound)
+        return flow
 
     def tcp_flow_closed(self, flow_key: FlowKey, *, now: float) -> None:
         """The caller closed the accepted socket of *flow_key*: start the NAT linger."""

@@ -97,8 +97,8 @@ from kvpn.routes.plan import ConflictPolicy, RoutePlan, plan_routes
 from kvpn.routes.prefixes import parse_ipv4_cidr
 from kvpn.routes.session_file import write_session
 from kvpn.session_status import (
-    SessionStatus,
     ensure_private_dir,
+    live_status,
     status_path,
     summarize_counters,
     write_status,
@@ -618,21 +618,12 @@ def _publish_status(
     mono = asyncio.get_running_loop().time()
     wall = time.time()
     dns_counters = dns_servers[0].resolver.counters.as_dict() if dns_servers else None
-    status = SessionStatus(
-        session=plan.session_id,
-        pid=os.getpid(),
+    status = live_status(
+        plan.session_id,
+        snapshot,
         pid_start=DnsOwner.this_process(plan.session_id).started,
-        state=snapshot.state.value,
-        since=wall - (mono - snapshot.since),
-        updated_at=wall,
-        reason=snapshot.reason,
-        last_error=snapshot.last_error,
-        reconnect_attempts=snapshot.attempts,
-        reconnects=snapshot.reconnects,
-        last_outage_s=snapshot.last_outage,
-        next_attempt_at=(
-            None if snapshot.next_attempt is None else wall + (snapshot.next_attempt - mono)
-        ),
+        mono=mono,
+        wall=wall,
         shadow_pod=f"{plan.namespace}/{plan.name}",
         pods_recreated=link.pods_recreated,
         transport=link.transport_name,

@@ -49,8 +49,8 @@ from kvpn.dns.session import DnsOwner
 from kvpn.journal_replay import undo_remove_file
 from kvpn.link_supervisor import LinkConfig, LinkSupervisor, NoDataPlane
 from kvpn.session_status import (
-    SessionStatus,
     ensure_private_dir,
+    live_status,
     status_path,
     user_state_dir,
     write_status,
@@ -437,21 +437,12 @@ class StatusFiles:
         mono = asyncio.get_running_loop().time()
         wall = time.time()
         facts = self._facts
-        status = SessionStatus(
-            session=facts.session,
-            pid=os.getpid(),
+        status = live_status(
+            facts.session,
+            snapshot,
             pid_start=DnsOwner.this_process(facts.session).started,
-            state=snapshot.state.value,
-            since=wall - (mono - snapshot.since),
-            updated_at=wall,
-            reason=snapshot.reason,
-            last_error=snapshot.last_error,
-            reconnect_attempts=snapshot.attempts,
-            reconnects=snapshot.reconnects,
-            last_outage_s=snapshot.last_outage,
-            next_attempt_at=(
-                None if snapshot.next_attempt is None else wall + (snapshot.next_attempt - mono)
-            ),
+            mono=mono,
+            wall=wall,
             shadow_pod=f"{link.pod.namespace}/{link.pod.name}",
             pods_recreated=link.link.pods_recreated,
             transport="portforward",

@@ -36,6 +36,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from kvpn.link_state import LinkSnapshot
+
 __all__ = [
     "STALE_AFTER",
     "STATUS_SUFFIX",
@@ -232,6 +234,37 @@ def read_json_file(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def live_status(
+    session: str,
+    snapshot: LinkSnapshot,
+    *,
+    pid_start: int,
+    mono: float,
+    wall: float,
+    **details: Any,
+) -> SessionStatus:
+    """The status record of this process's live session from its link supervisor's
+    ``snapshot`` (taken at loop time ``mono`` = wall time ``wall``); ``details`` are the
+    session's own fields (shadow pod, transport, routes, service, ...)."""
+    return SessionStatus(
+        session=session,
+        pid=os.getpid(),
+        pid_start=pid_start,
+        state=snapshot.state.value,
+        since=wall - (mono - snapshot.since),
+        updated_at=wall,
+        reason=snapshot.reason,
+        last_error=snapshot.last_error,
+        reconnect_attempts=snapshot.attempts,
+        reconnects=snapshot.reconnects,
+        last_outage_s=snapshot.last_outage,
+        next_attempt_at=(
+            None if snapshot.next_attempt is None else wall + (snapshot.next_attempt - mono)
+        ),
+        **details,
+    )
 
 
 @dataclass(frozen=True, slots=True)

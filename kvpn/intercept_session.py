@@ -21,6 +21,7 @@ session writes a status file like ``kvpn connect`` (:mod:`kvpn.session_status`).
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import json
@@ -113,7 +114,41 @@ class LockLost(Exception):
     """Our lock was replaced or removed by someone else (e.g. a recover after a stall)."""
 
 
-class LockKeeper:
+class Heartbeating(abc.ABC):
+    """What a session's keeper of a claim on a Service shares (:class:`LockKeeper`, the mesh's
+    ``MemberKeeper``): a task calling :meth:`refresh` every ``interval`` until the claim is
+    lost (reported once), retrying while the API server is unreachable."""
+
+    lost: asyncio.Event
+    _out: Out
+    _task: asyncio.Task[None] | None
+
+    @abc.abstractmethod
+    async def refresh(self) -> None:
+        """Rewrite the heartbeat; raises :class:`LockLost` when the claim is gone."""
+
+    def start(self, interval: float) -> None:
+        self._task = asyncio.ensure_future(self._run(interval))
+
+    async def _run(self, interval: float) -> None:
+        while not self.lost.is_set():
+            await asyncio.sleep(interval)
+            try:
+                await self.refresh()
+            except LockLost as exc:
+                self._out(f"kvpn: {exc}")
+                return
+            except HEARTBEAT_RETRIED as exc:  # the API server is unreachable: retry
+                self._out(f"kvpn: heartbeat failed ({exc}); retrying")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+
+class LockKeeper(Heartbeating):
     """Holds this session's lock on one Service and refreshes its heartbeat.
 
     Every write that depends on the lock goes through :meth:`patch` so heartbeats and other
@@ -175,26 +210,6 @@ class LockKeeper:
                 raise
             self.lock = new
             self._unsure = None
-
-    def start(self, interval: float) -> None:
-        self._task = asyncio.ensure_future(self._run(interval))
-
-    async def _run(self, interval: float) -> None:
-        while not self.lost.is_set():
-            await asyncio.sleep(interval)
-            try:
-                await self.refresh()
-            except LockLost as exc:
-                self._out(f"kvpn: {exc}")
-                return
-            except HEARTBEAT_RETRIED as exc:  # the API server is unreachable: retry
-                self._out(f"kvpn: heartbeat failed ({exc}); retrying")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
 
     async def release(self) -> None:
         if self.lost.is_set():

@@ -46,7 +46,14 @@ from kvpn.cluster.mesh_plan import (
     switch_selector_ops,
 )
 from kvpn.cluster.shadow_pod import FATAL_WAITING_REASONS
-from kvpn.intercept_session import HEARTBEAT_RETRIED, LockLost, Out, annotations_of, now_utc
+from kvpn.intercept_session import (
+    HEARTBEAT_RETRIED,
+    Heartbeating,
+    LockLost,
+    Out,
+    annotations_of,
+    now_utc,
+)
 
 PATCH_ATTEMPTS = 20
 CLOSING_WAIT_SECONDS = 30.0
@@ -150,7 +157,7 @@ async def read_settled(kube: KubeClients, namespace: str, name: str, out: Out) -
 # --- the member's annotation and its heartbeat -------------------------------------------
 
 
-class MemberKeeper:
+class MemberKeeper(Heartbeating):
     """Refreshes this member's annotation; every write tests the value last written."""
 
     def __init__(
@@ -198,26 +205,6 @@ class MemberKeeper:
                 return
         self.lost.set()
         raise LockLost(self._lost_message())
-
-    def start(self, interval: float) -> None:
-        self._task = asyncio.ensure_future(self._run(interval))
-
-    async def _run(self, interval: float) -> None:
-        while not self.lost.is_set():
-            await asyncio.sleep(interval)
-            try:
-                await self.refresh()
-            except LockLost as exc:
-                self._out(f"kvpn: {exc}")
-                return
-            except HEARTBEAT_RETRIED as exc:
-                self._out(f"kvpn: heartbeat failed ({exc}); retrying")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
 
 
 # --- join, router, leave (each testable with an in-memory API) ----------------------------

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
 
@@ -57,16 +57,6 @@ ExcludeCidrList = Annotated[
     list[str] | None,
     typer.Option("--exclude-cidr", help="Never route this CIDR through kvpn (repeatable)."),
 ]
-
-# Commands whose issue has not landed yet: they say so and exit non-zero, never pretend.
-NOT_BUILT: dict[str, str] = {}
-
-
-def _not_built(command: str) -> NoReturn:
-    typer.echo(
-        f"kvpn {command}: not built yet ({NOT_BUILT[command]}); nothing was changed.", err=True
-    )
-    raise typer.Exit(code=3)
 
 
 @app.command("connect")

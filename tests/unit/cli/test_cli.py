@@ -32,20 +32,6 @@ def test_kubectl_plugin_is_the_same_program() -> None:
     assert plugin.stdout.replace("kubectl kvpn", "kvpn").split() == own.split()
 
 
-def test_unbuilt_commands_say_so_and_fail() -> None:
-    from kvpn.cli.main import NOT_BUILT
-
-    for command in NOT_BUILT:
-        args = [command]
-        if command in ("exchange", "mesh", "preview"):
-            args += ["x", "--expose", "8080"]
-        result = run("kvpn", *args)
-        assert result.returncode == 3, (command, result.stderr)
-        assert "not built yet" in result.stderr
-        assert len(result.stderr.strip().splitlines()) == 1
-        assert "Traceback" not in result.stderr
-
-
 @pytest.mark.parametrize(
     "args",
     [

@@ -19,7 +19,9 @@ small messages or bulk data, and all three are removed here without patching asy
    buffer and slices each packet off its front, copying the rest of the buffer every time:
    one 256 KiB read of 32 KiB packets costs ~20 copies of the data.
    :class:`CoalescingProtocol` hands it reads in pieces of ``feed_size`` (about one
-   packet), which costs ~5.
+   packet), which costs ~5 - and, on an AES-GCM connection, decrypts and delivers channel
+   data itself with one copy (:mod:`kvpn.shadow.gcm_channel_data`, which also has the
+   sending side), giving asyncssh only the other packets.
 
 How it is plugged in: asyncssh accepts a *tunnel* object that makes its TCP connections.
 :class:`SocketTunnel` (client: ``asyncssh.connect(..., tunnel=SocketTunnel(sock))`` over an
@@ -36,6 +38,8 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
+
+from kvpn.shadow.gcm_channel_data import GcmChannelDataReader
 
 __all__ = [
     "FEED_SIZE",
@@ -215,7 +219,9 @@ class CoalescingTransport(asyncio.Transport):
 
 class CoalescingProtocol(asyncio.Protocol):
     """Sits in front of asyncssh's *protocol*: gives it a :class:`CoalescingTransport`,
-    suppresses its empty IGNOREs, feeds it reads in pieces, forwards everything else."""
+    suppresses its empty IGNOREs, delivers channel data itself (``fast_receive``, see
+    :mod:`kvpn.shadow.gcm_channel_data`) or feeds it reads in pieces, forwards everything
+    else."""
 
     def __init__(
         self,
@@ -224,12 +230,18 @@ class CoalescingProtocol(asyncio.Protocol):
         hold_below: int = HOLD_BELOW,
         feed_size: int = FEED_SIZE,
         keep_ignores: bool = False,
+        fast_receive: bool = True,
     ) -> None:
         self.protocol = protocol
         self._hold_below = hold_below
         self._feed_size = max(1, feed_size)
         self._keep_ignores = keep_ignores
         self.transport: CoalescingTransport | None = None
+        self.reader: GcmChannelDataReader | None = None
+        if fast_receive and hasattr(protocol, "_recv_pkthdr"):  # an asyncssh connection
+            self.reader = GcmChannelDataReader(
+                protocol, protocol.data_received, feed_size=self._feed_size
+            )
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         wrapped = CoalescingTransport(
@@ -243,6 +255,9 @@ class CoalescingProtocol(asyncio.Protocol):
         self.protocol.connection_made(wrapped)
 
     def data_received(self, data: bytes) -> None:
+        if self.reader is not None:
+            self.reader.data_received(data)
+            return
         feed = self._feed_size
         if len(data) <= feed:
             self.protocol.data_received(data)

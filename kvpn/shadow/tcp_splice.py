@@ -33,6 +33,7 @@ import asyncssh
 
 from kvpn.shadow.channel_ending import ChannelEnding, EndingEvent, EndingState
 from kvpn.shadow.dial_errors import DialFailure, classify_dial_error, format_reason
+from kvpn.shadow.gcm_channel_data import send_channel_data
 from kvpn.shadow.ssh_wire import watch_peer_eof
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,10 @@ def reset_transport(transport: asyncio.Transport) -> None:
 
 class TcpSplice(asyncssh.SSHTCPSession[bytes]):
     """The channel's session; owns the destination transport (fed by :class:`_Destination`)."""
+
+    #: data goes straight to the destination socket: kvpn/shadow/gcm_channel_data.py may
+    #: deliver its decrypted buffer (a bytearray) instead of a bytes copy
+    accepts_bytearray_data = True
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -80,7 +85,7 @@ class TcpSplice(asyncssh.SSHTCPSession[bytes]):
             return
         chan = self._chan
         if chan is not None and not chan.is_closing():
-            chan.write(data)
+            send_channel_data(chan, data)
 
     def destination_eof(self) -> None:
         if not self._started:

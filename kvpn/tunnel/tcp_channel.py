@@ -30,6 +30,7 @@ from asyncssh.channel import SSHChannel
 from asyncssh.stream import SSHTCPStreamSession
 
 from kvpn.shadow.channel_ending import ChannelEnding, EndingEvent, EndingState
+from kvpn.shadow.gcm_channel_data import send_channel_data
 from kvpn.shadow.ssh_wire import watch_peer_eof
 from kvpn.tunnel.errors import StreamReset
 
@@ -87,6 +88,12 @@ class TcpChannelSession(SSHTCPStreamSession[bytes]):
         # resume_writing fires when the buffer is empty (low-water 0), just before the EOF
         self._close_when_flushed = True
         chan.set_write_buffer_limits(high=0, low=0)
+
+    @property
+    def accepts_bytearray_data(self) -> bool:
+        """Spliced, data goes straight to the app socket: kvpn/shadow/gcm_channel_data.py may
+        deliver its decrypted buffer (a bytearray) instead of a bytes copy."""
+        return self._sink is not None
 
     def splice(self, sink: ChannelSink) -> None:
         """Hand the channel's events to *sink* from now on (see the module docstring)."""
@@ -168,6 +175,11 @@ class TcpChannelWriter(asyncssh.SSHWriter[bytes]):
         """Whether the channel has ended in a reset (either side); a public replacement for
         peeking at asyncssh's channel receive state."""
         return self._tcp_session.ending.was_reset
+
+    def write(self, data: bytes) -> None:
+        """Send *data* on the channel, with fewer copies on an AES-GCM connection
+        (kvpn/shadow/gcm_channel_data.py)."""
+        send_channel_data(self.channel, data)
 
     def write_eof(self) -> None:
         if not self.channel.is_closing():

@@ -14,7 +14,9 @@ string out of the plaintext: seven more. perf on ``kvpn connect`` during an uplo
 one asyncssh would build, given the same padding (``tests/unit/shadow/test_gcm_channel_data.py``
 checks this against the installed asyncssh) - by copying each piece of data once into a
 reused plaintext buffer and encrypting it (``AESGCM.encrypt_into``) straight into the buffer
-handed to the transport. Padding comes from a pool of ``os.urandom`` bytes.
+handed to the transport. Padding comes from a pool of ``os.urandom`` bytes. What asyncssh
+has queued (written while the window was short) leaves the same way when the peer widens the
+window, on channels given :func:`fast_flush`.
 
 :class:`GcmChannelDataReader` sits between the socket and asyncssh's ``data_received``
 (:class:`kvpn.shadow.ssh_wire.CoalescingProtocol`): it decrypts each complete packet itself
@@ -50,7 +52,13 @@ from asyncssh.encryption import GCMEncryption
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-__all__ = ["COUNTERS", "FastPathCounters", "GcmChannelDataReader", "send_channel_data"]
+__all__ = [
+    "COUNTERS",
+    "FastPathCounters",
+    "GcmChannelDataReader",
+    "fast_flush",
+    "send_channel_data",
+]
 
 MSG_CHANNEL_DATA = 94  # RFC 4254
 GCM_TAG_LENGTH = 16
@@ -151,48 +159,31 @@ def _sender(conn: Any) -> _Sender:
     return sender
 
 
-def _can_send(chan: Any, conn: Any, length: int) -> bool:
+def _can_send(conn: Any) -> bool:
     return bool(
-        length
-        and chan._send_state == "open"
-        and not chan._send_buf
-        and chan._send_window >= length
-        and chan._send_chan is not None
-        and chan._encoding is None
-        and _connection_ready(conn, conn._send_encryption)
+        _connection_ready(conn, conn._send_encryption)
         and not conn._compressor
         and not _rekey_due(conn)
     )
 
 
-def send_channel_data(chan: Any, data: bytes | bytearray | memoryview) -> None:
-    """Write *data* to asyncssh channel *chan*: like ``chan.write(data)``, with one copy of
-    the data when it can (see the module docstring)."""
-    length = len(data)
-    try:
-        conn = chan._conn
-        fast = _HAS_INTO and conn is not None and _can_send(chan, conn, length)
-    except _STATE_ERRORS:
-        fast = False
-    if not fast:
-        COUNTERS.writes_to_asyncssh += 1
-        chan.write(data)
-        return
+def _send_packets(chan: Any, conn: Any, data: memoryview) -> int:
+    """Send *data* (within the channel's window) as data packets; the number of bytes
+    sent, fewer than all only when a rekey fell due or the connection changed between two
+    packets (the caller checked before the first)."""
     sender = _sender(conn)
     cipher = conn._send_encryption._cipher
     aead = sender.aead.for_key(cipher._key)
-    view = memoryview(data)
     packet_size = chan._send_pktsize
     header_length = conn._send_enchdrlen
     block_size = conn._send_blocksize
     channel_number = chan._send_chan.to_bytes(4, "big")
+    length = len(data)
     offset = 0
     while offset < length:
         if offset and (_rekey_due(conn) or not conn._kex_complete or conn._transport is None):
-            COUNTERS.writes_to_asyncssh += 1
-            chan.write(view[offset:])  # asyncssh starts the rekey and queues the rest
-            return
-        piece = view[offset : offset + packet_size]
+            break
+        piece = data[offset : offset + packet_size]
         count = len(piece)
         payload_length = DATA_HEADER - 1 + count  # type, channel, string length, data
         padding = -(header_length + payload_length) % block_size
@@ -219,6 +210,77 @@ def send_channel_data(chan: Any, data: bytes | bytearray | memoryview) -> None:
         conn._rekey_bytes_sent += packet_length
         COUNTERS.packets_sent += 1
         offset += count
+    return offset
+
+
+def send_channel_data(chan: Any, data: bytes | bytearray | memoryview) -> None:
+    """Write *data* to asyncssh channel *chan*: like ``chan.write(data)``, with one copy of
+    the data when it can (see the module docstring)."""
+    length = len(data)
+    try:
+        conn = chan._conn
+        fast = bool(
+            _HAS_INTO
+            and isinstance(chan, SSHChannel)  # not a wrapper such as asyncssh's line editor
+            and length
+            and conn is not None
+            and chan._send_state == "open"
+            and not chan._send_buf
+            and chan._send_window >= length
+            and chan._send_chan is not None
+            and chan._encoding is None
+            and _can_send(conn)
+        )
+    except _STATE_ERRORS:
+        fast = False
+    if not fast:
+        COUNTERS.writes_to_asyncssh += 1
+        chan.write(data)  # queued; a channel with fast_flush() still sends it fast
+        return
+    with memoryview(data) as view:
+        sent = _send_packets(chan, conn, view)
+        if sent < length:
+            COUNTERS.writes_to_asyncssh += 1
+            chan.write(view[sent:])  # a rekey fell due: asyncssh starts it, queues the rest
+
+
+def fast_flush(chan: Any) -> None:
+    """Make asyncssh channel *chan* send what it has queued (data written while its window
+    was short, flushed when the peer widens it) as :func:`send_channel_data` does; asyncssh's
+    own flush then does the rest (extended data, what is left at a rekey, a pending EOF or
+    close). Without asyncssh's ``_flush_send_buf``, nothing changes."""
+    original = getattr(chan, "_flush_send_buf", None)
+    if original is None or not isinstance(chan, SSHChannel):
+        return
+
+    def flush_send_buf() -> None:
+        try:
+            conn = chan._conn
+            fast = bool(
+                _HAS_INTO and conn is not None and chan._send_chan is not None and _can_send(conn)
+            )
+        except _STATE_ERRORS:
+            fast = False
+        while fast and chan._send_buf and chan._send_window:
+            buf, datatype = chan._send_buf[0]
+            if datatype is not None:
+                break
+            count = min(len(buf), chan._send_window)
+            with memoryview(buf) as view:
+                sent = _send_packets(chan, conn, view[:count])
+            chan._send_buf_len -= sent
+            if sent == len(buf):
+                del chan._send_buf[0]
+            else:
+                try:
+                    del buf[:sent]  # O(1) at the front of a bytearray
+                except BufferError:
+                    chan._send_buf[0] = (buf[sent:], datatype)
+            if sent < count:
+                break  # a rekey fell due
+        original()
+
+    setattr(chan, "_flush_send_buf", flush_send_buf)  # noqa: B010 - see ssh_wire.watch_peer_eof
 
 
 # ---------------------------------------------------------------------------- receiving

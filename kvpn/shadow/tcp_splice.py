@@ -33,7 +33,7 @@ import asyncssh
 
 from kvpn.shadow.channel_ending import ChannelEnding, EndingEvent, EndingState
 from kvpn.shadow.dial_errors import DialFailure, classify_dial_error, format_reason
-from kvpn.shadow.gcm_channel_data import send_channel_data
+from kvpn.shadow.gcm_channel_data import fast_flush, send_channel_data
 from kvpn.shadow.ssh_wire import watch_peer_eof
 
 logger = logging.getLogger(__name__)
@@ -130,6 +130,7 @@ class TcpSplice(asyncssh.SSHTCPSession[bytes]):
     def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
         self._chan = chan
         watch_peer_eof(chan, self._note_eof_queued)
+        fast_flush(chan)  # queued data leaves with few copies too
 
     def _note_eof_queued(self) -> None:
         self._eof_queued = True

@@ -30,7 +30,7 @@ from asyncssh.channel import SSHChannel
 from asyncssh.stream import SSHTCPStreamSession
 
 from kvpn.shadow.channel_ending import ChannelEnding, EndingEvent, EndingState
-from kvpn.shadow.gcm_channel_data import send_channel_data
+from kvpn.shadow.gcm_channel_data import fast_flush, send_channel_data
 from kvpn.shadow.ssh_wire import watch_peer_eof
 from kvpn.tunnel.errors import StreamReset
 
@@ -65,6 +65,7 @@ class TcpChannelSession(SSHTCPStreamSession[bytes]):
     def connection_made(self, chan: SSHChannel[bytes]) -> None:
         super().connection_made(chan)
         watch_peer_eof(chan, self._note_eof_queued)
+        fast_flush(chan)  # queued data leaves with few copies too
 
     def _note_eof_queued(self) -> None:
         self._eof_queued = True

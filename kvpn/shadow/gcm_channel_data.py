@@ -180,8 +180,9 @@ def _send_packets(chan: Any, conn: Any, data: memoryview) -> int:
     channel_number = chan._send_chan.to_bytes(4, "big")
     length = len(data)
     offset = 0
+    wires: list[bytearray] = []
     while offset < length:
-        if offset and (_rekey_due(conn) or not conn._kex_complete or conn._transport is None):
+        if offset and (_rekey_due(conn) or not conn._kex_complete):
             break
         piece = data[offset : offset + packet_size]
         count = len(piece)
@@ -205,11 +206,17 @@ def _send_packets(chan: Any, conn: Any, data: memoryview) -> int:
         aead.encrypt_into(cipher._iv, plaintext, header, memoryview(wire)[LENGTH_FIELD:])
         cipher._update_iv()
         chan._send_window -= count
-        conn._send(wire)
+        wires.append(wire)
         conn._send_seq = (conn._send_seq + 1) & SEQUENCE_MASK
         conn._rekey_bytes_sent += packet_length
         COUNTERS.packets_sent += 1
         offset += count
+    transport = conn._transport
+    if transport is not None:
+        try:  # one writev() for the lot with uvloop (kvpn's CoalescingTransport passes it on)
+            transport.writelines(wires)
+        except ConnectionError:  # as asyncssh's _send
+            pass
     return offset
 
 

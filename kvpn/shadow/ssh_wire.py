@@ -157,6 +157,19 @@ class CoalescingTransport(asyncio.Transport):
         self.counters.sends += 1
         self._transport.write(data)
 
+    def writelines(self, list_of_data: Any) -> None:
+        """Hand the pieces to the real transport together (uvloop sends them with one
+        ``writev()``), after what is held."""
+        pieces = list(list_of_data)
+        if not pieces:
+            return
+        self.counters.writes += len(pieces)
+        if self._held:
+            pieces.insert(0, self._held)
+            self._held = b""
+        self.counters.sends += 1
+        self._transport.writelines(pieces)
+
     def _deferred_flush(self) -> None:
         self._flush_handle = None
         if self._held:

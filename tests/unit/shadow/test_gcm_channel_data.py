@@ -267,8 +267,13 @@ async def test_sent_packets_are_the_packets_asyncssh_builds() -> None:
         chan, _session = await pair.session()
         conn = pair.client
         wire: list[bytes] = []
-        original_send = conn._send
-        conn._send = lambda data: (wire.append(bytes(data)), original_send(data))
+        transport = conn._transport
+        original_write, original_writelines = transport.write, transport.writelines
+        transport.write = lambda data: (wire.append(bytes(data)), original_write(data))
+        transport.writelines = lambda pieces: (
+            wire.extend(bytes(piece) for piece in pieces),
+            original_writelines(pieces),
+        )
 
         def plaintexts(data: bytes, *, fast: bool) -> list[bytes]:
             """Send *data* one way or the other; decrypt what went on the wire."""

@@ -101,6 +101,17 @@ async def test_big_writes_pass_straight_through() -> None:
     assert real.sent == [b"x" * 64, b"y" * 1000]
 
 
+async def test_writelines_goes_out_in_one_send_after_what_is_held() -> None:
+    real = FakeTransport()  # asyncio's default writelines: one write() of the joined pieces
+    wrapped = CoalescingTransport(real, asyncio.get_running_loop(), hold_below=64)
+    wrapped.write(b"i" * 36)
+    wrapped.writelines([b"a" * 100, bytearray(b"b" * 100)])
+    assert real.sent == [b"i" * 36 + b"a" * 100 + b"b" * 100]
+    assert wrapped.counters.sends == 1 and wrapped.get_write_buffer_size() == 0
+    wrapped.writelines([])
+    assert real.sent == [b"i" * 36 + b"a" * 100 + b"b" * 100]
+
+
 async def test_close_abort_and_eof_send_what_is_held_first() -> None:
     loop = asyncio.get_running_loop()
     for action in ("close", "abort", "eof"):

@@ -64,6 +64,7 @@ MSG_CHANNEL_DATA = 94  # RFC 4254
 GCM_TAG_LENGTH = 16
 LENGTH_FIELD = 4
 DATA_HEADER = 10  # padding length, message type, recipient channel, string length
+MIN_PADDING = 4  # RFC 4253 section 6
 PADDING_POOL = 4096  # bytes of os.urandom() drawn at a time for packet padding
 DATA_LOG_LEVEL = 2  # asyncssh logs each data write/receipt from this debug level on
 SEQUENCE_MASK = 0xFFFFFFFF
@@ -169,8 +170,8 @@ def _can_send(conn: Any) -> bool:
 
 def _send_packets(chan: Any, conn: Any, data: memoryview) -> int:
     """Send *data* (within the channel's window) as data packets; the number of bytes
-    sent, fewer than all only when a rekey fell due or the connection changed between two
-    packets (the caller checked before the first)."""
+    sent, fewer than all when a rekey falls due (checked before every packet, as asyncssh's
+    send_packet does) or the connection changes."""
     sender = _sender(conn)
     cipher = conn._send_encryption._cipher
     aead = sender.aead.for_key(cipher._key)
@@ -181,14 +182,16 @@ def _send_packets(chan: Any, conn: Any, data: memoryview) -> int:
     length = len(data)
     offset = 0
     wires: list[bytearray] = []
+    if packet_size <= 0:  # a peer that allows no data: asyncssh's problem, not ours
+        return 0
     while offset < length:
-        if offset and (_rekey_due(conn) or not conn._kex_complete):
+        if _rekey_due(conn) or not conn._kex_complete or conn._transport is None:
             break
         piece = data[offset : offset + packet_size]
         count = len(piece)
         payload_length = DATA_HEADER - 1 + count  # type, channel, string length, data
         padding = -(header_length + payload_length) % block_size
-        if padding < 4:
+        if padding < MIN_PADDING:
             padding += block_size
         packet_length = 1 + payload_length + padding
         if len(sender.plaintext) < packet_length:
@@ -229,6 +232,7 @@ def send_channel_data(chan: Any, data: bytes | bytearray | memoryview) -> None:
         fast = bool(
             _HAS_INTO
             and isinstance(chan, SSHChannel)  # not a wrapper such as asyncssh's line editor
+            and type(chan).write is SSHChannel.write  # nor a channel that frames its data
             and length
             and conn is not None
             and chan._send_state == "open"
@@ -257,7 +261,11 @@ def fast_flush(chan: Any) -> None:
     own flush then does the rest (extended data, what is left at a rekey, a pending EOF or
     close). Without asyncssh's ``_flush_send_buf``, nothing changes."""
     original = getattr(chan, "_flush_send_buf", None)
-    if original is None or not isinstance(chan, SSHChannel):
+    if (
+        original is None
+        or not isinstance(chan, SSHChannel)
+        or type(chan)._flush_send_buf is not SSHChannel._flush_send_buf
+    ):
         return
 
     def flush_send_buf() -> None:
@@ -414,7 +422,8 @@ class GcmChannelDataReader:
         padding = plaintext[0]
         data_length = int.from_bytes(plaintext[6:10], "big")
         if (
-            plaintext[1] != MSG_CHANNEL_DATA
+            padding < MIN_PADDING  # asyncssh fails 0 (and accepts 1-3): it decides
+            or plaintext[1] != MSG_CHANNEL_DATA
             or length - 1 - padding != DATA_HEADER - 1 + data_length  # check_end
         ):
             return False

@@ -461,3 +461,83 @@ async def test_undecodable_text_disconnects_as_asyncssh_does(
         await asyncio.wait_for(pair.client.wait_closed(), 10)  # ProtocolError: disconnected
         assert pair.server_sessions[0].received == b""
     assert (COUNTERS.packets_received > received) == fast
+
+
+async def test_queued_data_stops_at_a_due_rekey_and_asyncssh_starts_it() -> None:
+    async with ssh_pair(echo=False) as pair:
+        chan, _session = await pair.session()
+        conn = pair.client
+        window, chan._send_window = chan._send_window, 0
+        for i in range(200):  # queued behind a closed window, one packet each
+            send_channel_data(chan, bytes([i]) * 100)
+        conn._rekey_bytes = conn._rekey_bytes_sent + 1000  # due after ~8 packets
+        chan._send_window = window
+        chan._flush_send_buf()  # what the peer's window adjust does
+        # at most one packet past the limit on the old key; asyncssh started the key exchange
+        assert conn._rekey_bytes_sent < conn._rekey_bytes + 200
+        assert not conn._kex_complete
+        expected = b"".join(bytes([i]) * 100 for i in range(200))
+        for _ in range(500):
+            if len(pair.server_sessions[0].received) == len(expected):
+                break
+            await asyncio.sleep(0.01)
+        assert bytes(pair.server_sessions[0].received) == expected
+
+
+@pytest.mark.parametrize("fast", [True, False])
+async def test_a_packet_without_padding_is_left_to_asyncssh(
+    fast: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(gcm_channel_data, "_HAS_INTO", fast)
+    async with ssh_pair(echo=False) as pair:
+        chan, _session = await pair.session()
+        await asyncio.sleep(0.05)
+        conn = pair.client
+        cipher = conn._send_encryption._cipher
+        data = b"ABCDEF"
+        plaintext = (
+            bytes([0, 94]) + chan._send_chan.to_bytes(4, "big") + len(data).to_bytes(4, "big") + data
+        )
+        header = len(plaintext).to_bytes(4, "big")
+        packet = AESGCM(cipher._key).encrypt(cipher._iv, plaintext, header)
+        cipher._update_iv()
+        conn._send_seq += 1
+        conn._transport.write(header + packet)
+        await asyncio.wait_for(pair.client.wait_closed(), 10)  # asyncssh: a decode error
+        assert pair.server_sessions[0].received == b""
+
+
+async def test_a_channel_class_with_its_own_write_or_flush_is_left_alone() -> None:
+    async with ssh_pair(echo=False) as pair:
+        chan, _session = await pair.session()
+        written: list[bytes] = []
+
+        class Framing(type(chan)):  # type: ignore[misc]  # like asyncssh's TUN channel
+            def write(self, data: Any, datatype: Any = None) -> None:
+                written.append(bytes(data))
+                super().write(b"framed:" + bytes(data), datatype)
+
+            def _flush_send_buf(self) -> None:
+                super()._flush_send_buf()
+
+        chan.__class__ = Framing
+        del chan._flush_send_buf  # the fast flush installed by the session
+        fast_flush(chan)
+        assert "_flush_send_buf" not in vars(chan)
+        sent = COUNTERS.packets_sent
+        send_channel_data(chan, b"payload")
+        assert written == [b"payload"] and COUNTERS.packets_sent == sent
+        for _ in range(200):
+            if pair.server_sessions[0].received == b"framed:payload":
+                break
+            await asyncio.sleep(0.01)
+        assert pair.server_sessions[0].received == b"framed:payload"
+
+
+async def test_an_oversized_packet_length_fails_the_connection() -> None:
+    async with ssh_pair(echo=False) as pair:
+        await pair.session()
+        await asyncio.sleep(0.05)
+        # a length past asyncssh's limit, then nothing more: no waiting for 64 MiB to arrive
+        pair.client._transport.write((64 << 20).to_bytes(4, "big") + bytes(60))
+        await asyncio.wait_for(pair.client.wait_closed(), 10)

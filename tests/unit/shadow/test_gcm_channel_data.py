@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from kvpn.shadow import gcm_channel_data
 from kvpn.shadow.gcm_channel_data import COUNTERS, fast_flush, send_channel_data
 from kvpn.shadow.ssh_wire import CoalescingListener, SocketTunnel
+from tests.unit.tunnel.helpers import tcp_server
 
 GCM = "aes128-gcm@openssh.com"
 CHACHA = "chacha20-poly1305@openssh.com"
@@ -138,21 +139,16 @@ async def rechunking_proxy(
     """A TCP proxy that forwards in reads of random sizes (packets split anywhere); it can
     flip one byte of what the client sends."""
     rng = random.Random(seed)
-    tasks: list[asyncio.Task[Any]] = []
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target)
-        tasks.append(asyncio.ensure_future(_proxy_pipe(reader, up_writer, rng, corrupt_client_byte)))
-        tasks.append(asyncio.ensure_future(_proxy_pipe(up_reader, writer, rng, None)))
+        await asyncio.gather(
+            _proxy_pipe(reader, up_writer, rng, corrupt_client_byte),
+            _proxy_pipe(up_reader, writer, rng, None),
+        )
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    try:
-        yield server.sockets[0].getsockname()[1]
-    finally:
-        server.close()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    async with tcp_server(relay) as port:
+        yield port
 
 
 @contextlib.asynccontextmanager

@@ -447,8 +447,14 @@ async def _leave(
             await asyncio.sleep(0.05 * (attempt + 1))
             continue
         if decision.restore is not None:
-            selector = ",".join(f"{k}={v}" for k, v in decision.restore.selector)
-            out(f"last member out: selector of service {namespace}/{name} restored ({selector})")
+            if decision.restore.puts_selector_back:
+                selector = ",".join(f"{k}={v}" for k, v in decision.restore.selector)
+                out(
+                    f"last member out: selector of service {namespace}/{name} restored "
+                    f"({selector})"
+                )
+            else:
+                out(f"finishing the close of the mesh of service {namespace}/{name}")
             await remove_mesh_objects(kube, namespace, name, decision.restore, out)
         return decision
     raise InterceptApiError(f"service {namespace}/{name} kept changing; could not leave its mesh")

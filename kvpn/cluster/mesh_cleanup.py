@@ -62,6 +62,11 @@ class RestoreMesh:
         r = self.restore
         deleted = [f"router pod {r.router}", f"stand-in service {r.standin}"]
         deleted += [f"member service {s}" for s in r.member_services]
+        if not r.puts_selector_back:
+            return (
+                f"finish closing the mesh of service {self.namespace}/{self.name} (its "
+                f"selector is back already), delete {', '.join(deleted)}: {self.reason}"
+            )
         return (
             f"restore meshed service {self.namespace}/{self.name} (selector "
             f"{labels_text(r.selector)}), delete {', '.join(deleted)}: {self.reason}"

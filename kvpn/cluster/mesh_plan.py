@@ -381,6 +381,9 @@ class MeshRestore:
     standin: str
     member_services: tuple[str, ...]
     closing_state: str | None  # the ``kvpn.dev/mesh`` value the patch leaves (None: removed)
+    # False when finishing a close: the patch that marked it closing put the selector back,
+    # and the selector may have been changed since (by its owner): it is left as it is
+    puts_selector_back: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -413,7 +416,11 @@ def restore_mesh(
     if resource_version is not None:
         ops.append(_test_rv(resource_version))
     ops.append(_test(MESH_ANNOTATION, view.raw_state))
-    ops.append({"op": "replace", "path": "/spec/selector", "value": dict(state.original_selector)})
+    puts_selector_back = not state.closing  # closing: that patch already put it back
+    if puts_selector_back:
+        ops.append(
+            {"op": "replace", "path": "/spec/selector", "value": dict(state.original_selector)}
+        )
     ops += _member_removals(view)
     closing: str | None = None
     if two_step:
@@ -423,7 +430,13 @@ def restore_mesh(
         ops.append(_remove(MESH_ANNOTATION))
     services = tuple(sorted({view.member_service(m) for m in view.parsed_members()}))
     return MeshRestore(
-        tuple(ops), state.original_selector, state.router, state.standin, services, closing
+        tuple(ops),
+        state.original_selector,
+        state.router,
+        state.standin,
+        services,
+        closing,
+        puts_selector_back,
     )
 
 

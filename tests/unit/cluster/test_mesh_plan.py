@@ -43,6 +43,7 @@ from kvpn.cluster.mesh_plan import (
     parse_mark,
     read_mesh,
     refresh_member_ops,
+    restore_mesh,
     switch_selector_ops,
 )
 from kvpn.cluster.service_ports import PortForward, ServicePort
@@ -181,6 +182,15 @@ def test_join_leave_round_trip_restores_the_service_exactly() -> None:
     closing = view(svc).state
     assert closing is not None and closing.closing  # joiners wait until it is gone
     assert restore.closing_state is not None
+    # clean/recover finishing this close (the leaver was killed) leave the selector alone:
+    # it is back already, and its owner may have changed it since
+    moved = copy.deepcopy(svc)
+    moved["spec"]["selector"] = {"app": "echo-v2"}
+    finish = restore_mesh(view(moved), rv(moved), now=LATER, two_step=False)
+    assert finish is not None and not finish.puts_selector_back
+    moved = apply(moved, finish.ops)
+    assert moved["spec"]["selector"] == {"app": "echo-v2"}
+    assert moved["metadata"]["annotations"] == {}
     svc = apply(svc, finish_close_ops(restore.closing_state))
     assert svc["spec"] == original["spec"]
     assert svc["metadata"]["annotations"] == {}

@@ -434,6 +434,24 @@ async def test_a_close_killed_half_way_is_finished_by_the_journal_undo() -> None
     assert set(kube.services) == {"echo"} and kube.pods == {}
 
 
+async def test_finishing_a_half_done_close_keeps_a_selector_changed_since() -> None:
+    kube: Any = FakeKube(echo())
+    plan = await join(kube, plan_for(echo(), ME, "alpha", "a1"), print)
+    await ensure_router(kube, plan, "img", print, timeout=5, poll=0)
+    service = kube.services["echo"]
+    view = read_mesh("echo", service["metadata"]["annotations"])
+    decision = leave(
+        view, service["metadata"]["resourceVersion"], plan.member, now=datetime.now(UTC)
+    )
+    assert decision is not None and decision.restore is not None
+    await kube.patch_service("default", "echo", list(decision.ops))  # then killed
+    kube.services["echo"]["spec"]["selector"] = {"app": "echo-v2"}  # its owner moves on
+    assert await run_undo(kube, undo_leave_mesh(CLUSTER, "default", "echo", "a1")) == "undone"
+    assert kube.services["echo"]["spec"]["selector"] == {"app": "echo-v2"}
+    assert kube.services["echo"]["metadata"]["annotations"] == {}
+    assert set(kube.services) == {"echo"} and kube.pods == {}
+
+
 async def test_leave_dead_session_drops_an_unreadable_member_of_its_own_only() -> None:
     kube: Any = FakeKube(echo())
     bob = await join(kube, plan_for(echo(), BOB, "bravo", "b1"), print)

@@ -336,7 +336,8 @@ async def _delete_pod(args: Mapping[str, Any], ctx: ReplayContext) -> str:
         return f"skipped: pod {namespace}/{name} is not session {session}'s"
     if _meta(pod).get("deletionTimestamp"):
         return ALREADY_GONE
-    return UNDONE if await kube.delete_pod(namespace, name) else ALREADY_GONE
+    deleted = await kube.delete_pod(namespace, name, uid=_meta(pod).get("uid") or None)
+    return UNDONE if deleted else ALREADY_GONE
 
 
 async def _read_service(kube: KubeClients, args: Mapping[str, Any]) -> tuple[Any, str, str, str]:
@@ -408,7 +409,7 @@ async def _delete_service(args: Mapping[str, Any], ctx: ReplayContext) -> str:
     labels = _meta(service).get("labels") or {}
     if lock is None or lock.session != session or labels.get(MANAGED_BY_LABEL) != "kvpn":
         return f"skipped: service {namespace}/{name} is not session {session}'s preview"
-    return UNDONE if await kube.delete_service(namespace, name) else ALREADY_GONE
+    return await _delete_read_service(kube, service, namespace, name)
 
 
 async def _leave_mesh(args: Mapping[str, Any], ctx: ReplayContext) -> str:
@@ -434,7 +435,13 @@ async def _delete_member(args: Mapping[str, Any], ctx: ReplayContext) -> str:
         or MESH_SERVICE_LABEL not in labels
     ):
         return f"skipped: service {namespace}/{name} is not session {session}'s mesh member"
-    return UNDONE if await kube.delete_service(namespace, name) else ALREADY_GONE
+    return await _delete_read_service(kube, service, namespace, name)
+
+
+async def _delete_read_service(kube: KubeClients, service: Any, namespace: str, name: str) -> str:
+    """Delete the Service just read and checked - that one only (uid precondition)."""
+    deleted = await kube.delete_service(namespace, name, uid=_meta(service).get("uid") or None)
+    return UNDONE if deleted else ALREADY_GONE
 
 
 Executor = Callable[[Mapping[str, Any], ReplayContext], Awaitable[str]]

@@ -179,11 +179,14 @@ class KubeClients:
                 f"cannot create shadow pod {namespace}/{name}: {api_reason(exc)}"
             ) from None
 
-    async def delete_service(self, namespace: str, name: str) -> bool:
+    async def delete_service(self, namespace: str, name: str, *, uid: str | None = None) -> bool:
+        """Delete a Service; False when it is gone (or, with *uid*, replaced since)."""
         try:
-            await asyncio.to_thread(self.core.delete_namespaced_service, name, namespace)
+            await asyncio.to_thread(
+                self.core.delete_namespaced_service, name, namespace, body=_delete_options(uid)
+            )
         except ApiException as exc:
-            if exc.status == 404:
+            if exc.status == 404 or (uid is not None and exc.status == 409):
                 return False
             raise InterceptApiError(
                 f"cannot delete service {namespace}/{name}: {api_reason(exc)}"
@@ -215,18 +218,33 @@ class KubeClients:
 
     # --- end kvpn mesh ---------------------------------------------------------------------
 
-    async def delete_pod(self, namespace: str, name: str) -> bool:
+    async def delete_pod(self, namespace: str, name: str, *, uid: str | None = None) -> bool:
+        """Delete a pod at once; False when it is gone (or, with *uid*, replaced since)."""
         try:
             await asyncio.to_thread(
-                self.core.delete_namespaced_pod, name, namespace, grace_period_seconds=0
+                self.core.delete_namespaced_pod,
+                name,
+                namespace,
+                grace_period_seconds=0,
+                body=_delete_options(uid),
             )
         except ApiException as exc:
-            if exc.status == 404:
+            if exc.status == 404 or (uid is not None and exc.status == 409):
                 return False
             raise InterceptApiError(
                 f"cannot delete pod {namespace}/{name}: {api_reason(exc)}"
             ) from None
         return True
+
+
+def _delete_options(uid: str | None) -> Any:
+    """With *uid*: delete only that very object - a same-named one created since it was read
+    is left alone (the API server answers 409 Conflict)."""
+    if uid is None:
+        return None
+    from kubernetes import client
+
+    return client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=uid))
 
 
 def _ready_count(deployment: Obj) -> tuple[int, bool]:

@@ -66,6 +66,14 @@ def echo() -> dict[str, Any]:
     }
 
 
+def _same_object(obj: dict[str, Any] | None, uid: str | None) -> bool:
+    """A delete's uid precondition, as the API server checks it (the fake's objects may have
+    no uid: then any uid matches)."""
+    if obj is None or uid is None:
+        return obj is not None
+    return obj.get("metadata", {}).get("uid") in (None, uid)
+
+
 class FakeKube:
     """Services and pods in memory; JSON patches move the resourceVersion like the API."""
 
@@ -104,8 +112,10 @@ class FakeKube:
         self.log.append(f"create service {name}")
         return copy.deepcopy(self.services[name])
 
-    async def delete_service(self, namespace: str, name: str) -> bool:
+    async def delete_service(self, namespace: str, name: str, *, uid: str | None = None) -> bool:
         self.log.append(f"delete service {name}")
+        if not _same_object(self.services.get(name), uid):
+            return False
         return self.services.pop(name, None) is not None
 
     async def create_pod(self, namespace: str, manifest: dict[str, Any]) -> None:
@@ -127,8 +137,10 @@ class FakeKube:
     async def read_pod_log(self, namespace: str, name: str, *, tail_lines: int = 20) -> str:
         return "Traceback: boom"
 
-    async def delete_pod(self, namespace: str, name: str) -> bool:
+    async def delete_pod(self, namespace: str, name: str, *, uid: str | None = None) -> bool:
         self.log.append(f"delete pod {name}")
+        if not _same_object(self.pods.get(name), uid):
+            return False
         return self.pods.pop(name, None) is not None
 
     async def list_pods(self, namespace: str | None, label_selector: str) -> list[Any]:

@@ -34,6 +34,7 @@ import asyncssh
 from kubernetes.client.exceptions import ApiException
 
 from kvpn.cluster.forbidden import describe_api_error
+from kvpn.cluster.settled_call import call_settled
 from kvpn.cluster.shadow_pod import (
     ShadowPodError,
     ShadowPodPlan,
@@ -123,7 +124,7 @@ class ShadowLink:
             return
         plan = self._plan
         try:
-            await asyncio.to_thread(
+            await call_settled(
                 self._core.create_namespaced_pod, plan.namespace, dict(self._manifest)
             )
         except ApiException as exc:

@@ -26,6 +26,7 @@ from kvpn.cluster.cleanup import (
 )
 from kvpn.cluster.forbidden import describe_api_error
 from kvpn.cluster.mesh_cleanup import DeleteMeshService, DropMeshMembers, RestoreMesh
+from kvpn.cluster.settled_call import call_settled
 
 Obj = dict[str, Any]
 
@@ -63,8 +64,13 @@ class KubeClients:
     def close(self) -> None:
         self.api.close()
 
-    async def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+    async def _call(
+        self, what: str, fn: Callable[..., Any], *args: Any, settle: bool = False, **kw: Any
+    ) -> Any:
+        """*fn* in a thread; *settle* (a write): seen through even if cancelled (settled_call)."""
         try:
+            if settle:
+                return await call_settled(fn, *args, **kw)
             return await asyncio.to_thread(fn, *args, **kw)
         except ApiException as exc:
             if exc.status in (409, 422) and kw.get("body") is not None:
@@ -134,6 +140,7 @@ class KubeClients:
             name,
             namespace,
             body=ops,  # a list: sent as application/json-patch+json
+            settle=True,
         )
         return self.to_dict(result)
 
@@ -144,6 +151,7 @@ class KubeClients:
             name,
             namespace,
             body=ops,
+            settle=True,
         )
         return self.to_dict(result)
 
@@ -156,14 +164,13 @@ class KubeClients:
             namespace,
             patch,
             _content_type="application/merge-patch+json",
+            settle=True,
         )
 
     async def create_service(self, namespace: str, manifest: Obj) -> Obj:
         name = manifest["metadata"]["name"]
         try:
-            result = await asyncio.to_thread(
-                self.core.create_namespaced_service, namespace, manifest
-            )
+            result = await call_settled(self.core.create_namespaced_service, namespace, manifest)
         except ApiException as exc:
             raise InterceptApiError(
                 f"cannot create service {namespace}/{name}: {api_reason(exc)}"
@@ -173,7 +180,7 @@ class KubeClients:
     async def create_pod(self, namespace: str, manifest: Obj) -> None:
         name = manifest["metadata"]["name"]
         try:
-            await asyncio.to_thread(self.core.create_namespaced_pod, namespace, manifest)
+            await call_settled(self.core.create_namespaced_pod, namespace, manifest)
         except ApiException as exc:
             raise InterceptApiError(
                 f"cannot create shadow pod {namespace}/{name}: {api_reason(exc)}"

@@ -29,6 +29,7 @@ import asyncssh
 from kubernetes.client.exceptions import ApiException
 
 from kvpn.cluster.forbidden import describe_api_error
+from kvpn.cluster.settled_call import call_settled
 from kvpn.shadow.agent import DEFAULT_PORT, HOST_KEY_LOG_PREFIX
 
 DEFAULT_SHADOW_IMAGE = "kvpn/shadow:0.1.0"
@@ -257,7 +258,7 @@ def _api_reason(exc: ApiException) -> str:
 
 async def create_shadow_pod(core_v1: Any, plan: ShadowPodPlan) -> None:
     try:
-        await asyncio.to_thread(core_v1.create_namespaced_pod, plan.namespace, plan.manifest())
+        await call_settled(core_v1.create_namespaced_pod, plan.namespace, plan.manifest())
     except ApiException as exc:
         raise ShadowPodError(
             f"cannot create shadow pod {plan.namespace}/{plan.name}: {_api_reason(exc)}"

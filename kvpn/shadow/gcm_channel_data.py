@@ -14,7 +14,8 @@ string out of the plaintext: seven more. perf on ``kvpn connect`` during an uplo
 one asyncssh would build, given the same padding (``tests/unit/shadow/test_gcm_channel_data.py``
 checks this against the installed asyncssh) - by copying each piece of data once into a
 reused plaintext buffer and encrypting it (``AESGCM.encrypt_into``) straight into the buffer
-handed to the transport. Padding comes from a pool of ``os.urandom`` bytes. What asyncssh
+handed to the transport; the packets of one write leave together (one ``writev()`` with
+uvloop). Padding comes from a pool of ``os.urandom`` bytes. What asyncssh
 has queued (written while the window was short) leaves the same way when the peer widens the
 window, on channels given :func:`fast_flush`.
 
@@ -28,9 +29,10 @@ the decrypted buffer itself, with the packet framing cut off in place (no copy);
 ``bytes``, as from asyncssh.
 
 Both take their path only while asyncssh would do the same thing: key exchange and
-authentication done, no rekey due or in progress, no compression, asyncssh's own AES-GCM
-classes, debug logging below level 2 (asyncssh logs each data packet from 2 on), a channel
-that is open with asyncssh's own data handling. Anything else - also an asyncssh or
+authentication done, no rekey due (checked before every packet) or in progress, no
+compression, asyncssh's own AES-GCM classes, debug logging below level 2 (asyncssh logs each
+data packet from 2 on), a channel that is open with asyncssh's own data handling (its class
+overrides neither ``write`` nor the data handling). Anything else - also an asyncssh or
 cryptography whose internals do not look as expected - goes through asyncssh. Both update
 asyncssh's private state (sequence numbers, IVs, rekey byte count, channel windows) exactly
 as asyncssh's own code does; a packet that does not decrypt or parse is given to asyncssh,

@@ -427,12 +427,12 @@ async def test_a_journal_undo_never_touches_a_mesh_it_is_no_member_of() -> None:
     )
 
 
-async def test_a_close_killed_half_way_is_finished_by_the_journal_undo() -> None:
+async def _half_closed_mesh() -> Any:
+    """A mesh whose last member out patched the Service (selector back, closing) and was
+    killed before it deleted the router: its member annotation is already gone."""
     kube: Any = FakeKube(echo())
     plan = await join(kube, plan_for(echo(), ME, "alpha", "a1"), print)
     await ensure_router(kube, plan, "img", print, timeout=5, poll=0)
-    # The last member out patched the Service (selector back, closing) and was killed
-    # before it deleted the router: its member annotation is already gone.
     service = kube.services["echo"]
     view = read_mesh("echo", service["metadata"]["annotations"])
     decision = leave(
@@ -440,6 +440,11 @@ async def test_a_close_killed_half_way_is_finished_by_the_journal_undo() -> None
     )
     assert decision is not None and decision.restore is not None
     await kube.patch_service("default", "echo", list(decision.ops))
+    return kube
+
+
+async def test_a_close_killed_half_way_is_finished_by_the_journal_undo() -> None:
+    kube = await _half_closed_mesh()
     assert await run_undo(kube, undo_leave_mesh(CLUSTER, "default", "echo", "a1")) == "undone"
     assert kube.services["echo"]["spec"] == echo()["spec"]
     assert kube.services["echo"]["metadata"]["annotations"] == {}
@@ -447,16 +452,7 @@ async def test_a_close_killed_half_way_is_finished_by_the_journal_undo() -> None
 
 
 async def test_finishing_a_half_done_close_keeps_a_selector_changed_since() -> None:
-    kube: Any = FakeKube(echo())
-    plan = await join(kube, plan_for(echo(), ME, "alpha", "a1"), print)
-    await ensure_router(kube, plan, "img", print, timeout=5, poll=0)
-    service = kube.services["echo"]
-    view = read_mesh("echo", service["metadata"]["annotations"])
-    decision = leave(
-        view, service["metadata"]["resourceVersion"], plan.member, now=datetime.now(UTC)
-    )
-    assert decision is not None and decision.restore is not None
-    await kube.patch_service("default", "echo", list(decision.ops))  # then killed
+    kube = await _half_closed_mesh()
     kube.services["echo"]["spec"]["selector"] = {"app": "echo-v2"}  # its owner moves on
     assert await run_undo(kube, undo_leave_mesh(CLUSTER, "default", "echo", "a1")) == "undone"
     assert kube.services["echo"]["spec"]["selector"] == {"app": "echo-v2"}

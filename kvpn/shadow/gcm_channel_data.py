@@ -59,6 +59,7 @@ __all__ = [
     "FastPathCounters",
     "GcmChannelDataReader",
     "fast_flush",
+    "feed_in_pieces",
     "send_channel_data",
 ]
 
@@ -303,6 +304,20 @@ def fast_flush(chan: Any) -> None:
 # ---------------------------------------------------------------------------- receiving
 
 
+def feed_in_pieces(
+    feed: Callable[[bytes], None], data: bytes | bytearray | memoryview, size: int
+) -> None:
+    """Hand *data* to asyncssh's ``data_received`` (*feed*) in pieces of at most *size*: its
+    input buffer costs a copy of what it holds per packet. It only appends what it is given
+    to a bytes buffer, so views of *data* save a copy."""
+    if len(data) <= size:
+        feed(cast(bytes, data))
+        return
+    view = memoryview(data)
+    for start in range(0, len(view), size):
+        feed(cast(bytes, view[start : start + size]))
+
+
 class GcmChannelDataReader:
     """What the socket reads goes through :meth:`data_received` to asyncssh connection
     *conn*, whose ``data_received`` is *feed*; channel data packets are decrypted and
@@ -346,14 +361,7 @@ class GcmChannelDataReader:
             return False
 
     def _give(self, data: bytes | bytearray | memoryview) -> None:
-        # asyncssh only appends what it is given to its bytes buffer: views save a copy
-        feed, size = self._feed, self._feed_size
-        if len(data) <= size:
-            feed(cast(bytes, data))
-            return
-        view = memoryview(data)
-        for start in range(0, len(view), size):
-            feed(cast(bytes, view[start : start + size]))
+        feed_in_pieces(self._feed, data, self._feed_size)
 
     def _give_all(self, data: bytes | bytearray | memoryview) -> None:
         """Give what is pending and *data* to asyncssh."""

@@ -39,7 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
-from kvpn.shadow.gcm_channel_data import GcmChannelDataReader
+from kvpn.shadow.gcm_channel_data import GcmChannelDataReader, feed_in_pieces
 
 __all__ = [
     "FEED_SIZE",
@@ -271,15 +271,7 @@ class CoalescingProtocol(asyncio.Protocol):
         if self.reader is not None:
             self.reader.data_received(data)
             return
-        feed = self._feed_size
-        if len(data) <= feed:
-            self.protocol.data_received(data)
-            return
-        # asyncssh only appends what it is given to its bytes buffer: memoryview slices
-        # save a copy
-        view = memoryview(data)
-        for start in range(0, len(data), feed):
-            self.protocol.data_received(cast(bytes, view[start : start + feed]))
+        feed_in_pieces(self.protocol.data_received, data, self._feed_size)
 
     def eof_received(self) -> bool | None:
         return self.protocol.eof_received()

@@ -34,7 +34,12 @@ from kvpn.cluster.mesh_plan import (
     labels_text,
 )
 from kvpn.cluster.service_ports import PortForward, PortKey, ServicePort
-from kvpn.cluster.shadow_pod import MANAGED_BY_LABEL, SESSION_LABEL, USER_ANNOTATION
+from kvpn.cluster.shadow_pod import (
+    MANAGED_BY_LABEL,
+    SESSION_LABEL,
+    USER_ANNOTATION,
+    restricted_container_fields,
+)
 from kvpn.shadow.mesh_names import (
     MESH_ANNOTATION,
     PROTOCOLS,
@@ -177,18 +182,7 @@ def router_manifest(
             {"name": "PYTHONUNBUFFERED", "value": "1"},
         ],
         "ports": container_ports,
-        "resources": {
-            "requests": {"cpu": "50m", "memory": "64Mi"},
-            "limits": {"memory": "256Mi"},
-        },
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": 1000,
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "capabilities": {"drop": ["ALL"]},
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        **restricted_container_fields(),
     }
     if tcp:
         container["readinessProbe"] = {

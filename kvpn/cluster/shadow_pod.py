@@ -59,6 +59,26 @@ class ShadowPodError(Exception):
     """The shadow pod could not be created, failed, or never became ready."""
 
 
+def restricted_container_fields() -> dict[str, Any]:
+    """``resources`` and ``securityContext`` of a container of the shadow image (agent or
+    mesh router): PodSecurity "restricted", user 1000, read-only root file system. A fresh
+    dict each time."""
+    return {
+        "resources": {
+            "requests": {"cpu": "50m", "memory": "64Mi"},
+            "limits": {"memory": "256Mi"},
+        },
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": 1000,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
+
+
 @dataclass(frozen=True, slots=True)
 class ShadowPodPlan:
     namespace: str
@@ -141,18 +161,7 @@ class ShadowPodPlan:
                             {"name": "PYTHONUNBUFFERED", "value": "1"},
                         ],
                         "ports": [{"name": "ssh", "containerPort": self.port, "protocol": "TCP"}],
-                        "resources": {
-                            "requests": {"cpu": "50m", "memory": "64Mi"},
-                            "limits": {"memory": "256Mi"},
-                        },
-                        "securityContext": {
-                            "runAsNonRoot": True,
-                            "runAsUser": 1000,
-                            "allowPrivilegeEscalation": False,
-                            "readOnlyRootFilesystem": True,
-                            "capabilities": {"drop": ["ALL"]},
-                            "seccompProfile": {"type": "RuntimeDefault"},
-                        },
+                        **restricted_container_fields(),
                     }
                 ],
             },
